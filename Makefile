@@ -1,0 +1,55 @@
+# megabatch developer commands. `make help` lists the targets.
+#
+# Everything runs from the project's own virtual environment (.venv), which the stamp
+# target below creates and fills from pyproject.toml, pinned by constraints.txt.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Touched after a successful install; rebuilt when the dependency files change.
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint format clean bench-kernels gpu-check
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv and install megabatch (editable) with the dev tools
+
+test: $(STAMP) ## Lint, check formatting, then run the test suite (the CI command)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: $(STAMP) ## Run ruff's linter
+	$(BIN)/ruff check .
+
+format: $(STAMP) ## Reformat the code and apply ruff's safe fixes
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean: ## Remove build and cache artefacts (keeps .venv; rm -rf .venv to start over)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# --- Kernel targets -------------------------------------------------------------------
+# The GPU machine has torch and triton but no venv of ours (nor deepspeed/webdataset):
+# gpu-check runs with a plain interpreter, GPU_PYTHON, from the repository root.
+GPU_PYTHON ?= python3
+# Compiling the Triton variants dominates the GPU tests: spread them over 4 workers
+# where pytest-xdist is installed.
+GPU_PYTEST_WORKERS = $(shell $(GPU_PYTHON) -c 'import xdist' 2>/dev/null && echo -n 4)
+
+bench-kernels: $(STAMP) ## CPU kernel benchmark: prints the table, writes docs/benchmarks.md
+	$(BIN)/python -m kernels.benchmark --device cpu
+
+gpu-check: ## On a CUDA machine: gpu-marked tests, then the GPU benchmark -> docs/benchmarks.md
+	$(GPU_PYTHON) -m pytest -m gpu tests/kernels -p no:cacheprovider -q $(GPU_PYTEST_WORKERS)
+	$(GPU_PYTHON) -m kernels.benchmark --device cuda --losses clip,ntxent

@@ -1,0 +1,9 @@
+"""megabatch kernels: fused contrastive losses and the collectives they need.
+
+This package imports only torch and triton (never DeepSpeed or WebDataset), so its tests
+and benchmark run on a bare GPU machine that has only those two installed.
+"""
+
+from kernels.distributed import all_gather_with_grad
+
+__all__ = ["all_gather_with_grad"]

@@ -1,0 +1,97 @@
+"""The ``megabatch`` command line."""
+
+import argparse
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+
+from trainer import __version__
+
+# Distributions reported by `megabatch env`, by their installed (PyPI) names.
+_REPORTED_PACKAGES = (
+    "torch",
+    "triton",
+    "deepspeed",
+    "webdataset",
+    "accelerate",
+    "prometheus-client",
+    "numpy",
+)
+# Environment variables that change how the distributed stack behaves.
+_REPORTED_ENV = ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")
+
+
+def _installed_version(name: str) -> str:
+    # Read from the package metadata, so that reporting never imports the package
+    # (importing deepspeed is slow and probes the hardware).
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _version_line() -> str:
+    return (
+        f"megabatch {__version__} (torch {_installed_version('torch')}, "
+        f"python {platform.python_version()})"
+    )
+
+
+def _row(label: str, value: object) -> str:
+    return f"{label:<21} {value}"
+
+
+def _env_report() -> list[str]:
+    lines = [
+        _row("megabatch", __version__),
+        _row("python", f"{platform.python_version()} ({sys.executable})"),
+        _row("platform", platform.platform()),
+    ]
+    lines += [_row(name, _installed_version(name)) for name in _REPORTED_PACKAGES]
+
+    try:
+        import torch
+    except ImportError as exc:
+        lines.append(_row("torch import", f"failed: {exc}"))
+    else:
+        lines.append(_row("torch CUDA build", torch.version.cuda or "none (CPU build)"))
+        available = torch.cuda.is_available()
+        lines.append(_row("cuda available", available))
+        if available:
+            for i in range(torch.cuda.device_count()):
+                lines.append(_row(f"cuda device {i}", torch.cuda.get_device_name(i)))
+
+    lines += [_row(var, os.environ.get(var, "(unset)")) for var in _REPORTED_ENV]
+    return lines
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    print("\n".join(_env_report()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megabatch",
+        description="Distributed large-batch contrastive pretraining (CLIP, SimCLR).",
+    )
+    parser.add_argument("--version", action="version", version=_version_line())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    env = commands.add_parser(
+        "env", help="print versions and devices (paste this into bug reports)"
+    )
+    env.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status (argparse exits 2 on bad usage)."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
