@@ -1,0 +1,143 @@
+"""The tiled contrastive loss in plain torch: the CPU training path.
+
+Same primitives, maths and arguments as the Triton kernels in ``_contrastive_triton.py``
+(read its docstring for the formulas). S is visited in (TILE_ROWS, TILE_COLS) tiles:
+the largest temporary is one tile, whatever N is, and a tile of 512 x 512 fp32 (1 MB)
+stays in the CPU's cache, where the elementwise work (exp, subtract, ...) runs several
+times faster than on (rows, N) strips streamed from memory. Row statistics are merged
+across column tiles and column statistics across row tiles with log-add-exp.
+
+One primitive the Triton backend lacks: ``row_gradient(..., with_col_grad=True)`` also
+returns dL/dY from the same W tiles (dY += W^T X_rows). On a GPU that would need
+cross-program atomics; on a CPU it is a plain accumulation, and it saves CLIP a second
+pass over S (3 matrix products in the backward instead of 4).
+
+Accumulation is fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 (gradcheck).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODE_CLIP = 0
+MODE_NTXENT = 1
+SUPPORTS_COLUMN_GRADIENT = True
+
+_TILE_ROWS = 512
+_TILE_COLS = 512
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _positive_columns(rows: torch.Tensor, m: int, row_offset: int, mode: int) -> torch.Tensor:
+    if mode == MODE_CLIP:
+        return rows + row_offset
+    half = m // 2
+    return torch.where(rows < half, rows + half, rows - half) + row_offset
+
+
+class _Tiling:
+    """Index bookkeeping for one (rows r0:r1) x (columns c0:c1) tile of S."""
+
+    def __init__(self, m: int, n: int, row_offset: int, mode: int, device):
+        self.m, self.n, self.row_offset, self.mode = m, n, row_offset, mode
+        self.rows = torch.arange(m, device=device)
+        self.pos = _positive_columns(self.rows, m, row_offset, mode)  # (M,) global column
+
+    def __iter__(self):
+        for r0 in range(0, self.m, _TILE_ROWS):
+            r1 = min(r0 + _TILE_ROWS, self.m)
+            for c0 in range(0, self.n, _TILE_COLS):
+                yield r0, r1, c0, min(c0 + _TILE_COLS, self.n)
+
+    def self_entries(self, r0, r1, c0, c1):
+        """(tile rows, tile cols) of S_ii (a view against itself) inside the tile, NT-Xent."""
+        lo, hi = max(r0, c0 - self.row_offset), min(r1, c1 - self.row_offset)
+        if self.mode != MODE_NTXENT or lo >= hi:
+            return None
+        i = torch.arange(lo, hi, device=self.rows.device)
+        return i - r0, i + self.row_offset - c0
+
+    def positive_entries(self, r0, r1, c0, c1):
+        """(tile rows, tile cols) of the positives that fall inside the tile."""
+        pos = self.pos[r0:r1]
+        inside = ((pos >= c0) & (pos < c1)).nonzero().squeeze(1)
+        return inside, pos[inside] - c0
+
+
+def row_logsumexp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    row_offset: int,
+    mode: int,
+    with_col: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    m, n = x.shape[0], y.shape[0]
+    dtype = _compute_dtype(x.dtype)
+    xs = x.to(dtype) * scale.to(dtype)  # (M, D): s folded into the rows, not the tiles
+    y_t = y.to(dtype).t()  # (D, N)
+    tiling = _Tiling(m, n, row_offset, mode, x.device)
+    lse_row = torch.full((m,), float("-inf"), device=x.device, dtype=dtype)
+    positive = torch.empty(m, device=x.device, dtype=dtype)
+    col = torch.full((n,), float("-inf"), device=x.device, dtype=dtype) if with_col else None
+    for r0, r1, c0, c1 in tiling:
+        s = xs[r0:r1] @ y_t[:, c0:c1]  # (R, C) logits
+        diag = tiling.self_entries(r0, r1, c0, c1)
+        if diag is not None:
+            s[diag] = float("-inf")
+        hit_rows, hit_cols = tiling.positive_entries(r0, r1, c0, c1)
+        positive[r0 + hit_rows] = s[hit_rows, hit_cols]
+        lse_row[r0:r1] = torch.logaddexp(lse_row[r0:r1], torch.logsumexp(s, dim=1))
+        if with_col:
+            col[c0:c1] = torch.logaddexp(col[c0:c1], torch.logsumexp(s, dim=0))
+    return lse_row, positive, col
+
+
+def row_gradient(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    out_mult: torch.Tensor,
+    lse_row: torch.Tensor,
+    lse_col: torch.Tensor,
+    *,
+    row_offset: int,
+    mode: int,
+    with_col_grad: bool = False,
+):
+    """dX (M, D), gs (M,) and, if with_col_grad, dY (N, D) = out_mult * W^T X."""
+    m, n = x.shape[0], y.shape[0]
+    dtype = _compute_dtype(x.dtype)
+    x_c = x.to(dtype)
+    xs = x_c * scale.to(dtype)
+    y_c = y.to(dtype)
+    y_t = y_c.t()
+    lse_row, lse_col = lse_row.to(dtype), lse_col.to(dtype)
+    tiling = _Tiling(m, n, row_offset, mode, x.device)
+    dx = torch.zeros(m, x.shape[1], device=x.device, dtype=dtype)
+    dy = torch.zeros(n, y.shape[1], device=x.device, dtype=dtype) if with_col_grad else None
+    gs = torch.zeros(m, device=x.device, dtype=dtype)
+    for r0, r1, c0, c1 in tiling:
+        s = xs[r0:r1] @ y_t[:, c0:c1]  # (R, C) logits, recomputed
+        # W = P_row + P_col - 2 [positive]; NT-Xent's self entries are set to 0 below.
+        w = torch.sub(s, lse_row[r0:r1, None]).exp_()
+        w.add_(torch.sub(s, lse_col[None, c0:c1]).exp_())
+        hit_rows, hit_cols = tiling.positive_entries(r0, r1, c0, c1)
+        w[hit_rows, hit_cols] -= 2.0
+        diag = tiling.self_entries(r0, r1, c0, c1)
+        if diag is not None:
+            w[diag] = 0.0
+        gs[r0:r1] += torch.linalg.vecdot(w, s)
+        dx[r0:r1].addmm_(w, y_c[c0:c1])
+        if with_col_grad:
+            dy[c0:c1].addmm_(w.t(), x_c[r0:r1])
+    mult = out_mult.to(dtype)
+    dx = dx.mul_(mult).to(x.dtype)
+    if with_col_grad:
+        dy = dy.mul_(mult).to(y.dtype)
+    gs = gs if dtype == torch.float64 else gs.float()
+    return (dx, gs, dy) if with_col_grad else (dx, gs)

@@ -1,0 +1,455 @@
+"""Triton kernels for the fused contrastive loss (CLIP's InfoNCE, SimCLR's NT-Xent).
+
+Both losses reduce to two primitives over a block of *rows* X (M, D) against all
+*columns* Y (N, D), with logits S = s * X Y^T computed tile by tile and never stored:
+
+    row_logsumexp:  lse_row[i] = log sum_j exp(S_ij)               (online, per row block)
+                    positive[i] = S_i,pos(i)                         (the positive's logit)
+                    col_lse[j] = log sum_i exp(S_ij) over these rows (optional, CLIP)
+    row_gradient:   W_ij = exp(S_ij - lse_row[i]) + exp(S_ij - lse_col[j]) - 2 [j == pos(i)]
+                    dX_i = out_mult * sum_j W_ij Y_j                (out_mult = g * s / (2 N))
+                    gs_i = sum_j W_ij S_ij                           (for d loss / d s)
+
+W / (2N) is the symmetrised gradient of the loss with respect to S (DESIGN.md section 4):
+CLIP's dL/dA is the row pass over (A, B) and dL/dB the same row pass over (B, A) with
+the two log-sum-exp vectors swapped; NT-Xent's S is symmetric, so one row pass over
+(Z, Z) gives the whole dL/dZ. In NT-Xent mode the diagonal S_ii (a view against
+itself) is excluded from every sum.
+
+Row i of X has global index row_offset + i among the columns (ranks hold local rows
+against gathered columns). Its positive column pos(i) is
+    CLIP:    row_offset + i
+    NT-Xent: row_offset + (i + HALF) % (2 HALF)     (X = [z1; z2], HALF rows each)
+
+Exponentials are taken base 2 (exp2 is one hardware instruction): logits are carried
+as S * log2(e) and log-sum-exps converted back to natural log on the way out.
+
+On CPU tensors the kernels run under Triton's interpreter, which must be switched on
+with TRITON_INTERPRET=1 before this module is imported (tests do this).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+LOG2E = math.log2(math.e)
+MODE_CLIP = 0
+MODE_NTXENT = 1
+# dL/dY from the row pass would need atomics across programs; CLIP runs a second pass.
+SUPPORTS_COLUMN_GRADIENT = False
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _logits_tile_log2(
+    X,  # (M, D) rows, row stride stride_x
+    Y,  # (N, D) columns, row stride stride_y
+    rows,  # (BLOCK_M,) row indices of this tile
+    cols,  # (BLOCK_N,) column indices of this tile
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    scale_log2,  # s * log2(e), fp32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """S[rows, cols] * log2(e) as a (BLOCK_M, BLOCK_N) fp32 tile; out-of-range entries are 0."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_ok = rows < M
+    col_ok = cols < N
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        x = tl.load(
+            X + rows[:, None] * stride_x + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        y = tl.load(
+            Y + cols[:, None] * stride_y + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=INPUT_PRECISION)
+    return acc * scale_log2
+
+
+@triton.jit
+def _positive_column(rows, row_offset, HALF, MODE: tl.constexpr):
+    if MODE == 0:  # CLIP: image i <-> caption i
+        pos = rows + row_offset
+    else:  # NT-Xent: view i of z1 <-> view i of z2
+        pos = tl.where(rows < HALF, rows + HALF, rows - HALF) + row_offset
+    return pos
+
+
+# Sizes and offsets change from call to call: compiling a variant per divisibility class
+# of each would multiply compile time for nothing. Strides (hence D) stay specialised:
+# they decide whether loads are vectorised.
+_DYNAMIC_INTS = ["M", "N", "row_offset", "N_BUCKET"]
+
+
+@triton.jit(do_not_specialize=_DYNAMIC_INTS)
+def _row_logsumexp_kernel(
+    X,  # (M, D) rows
+    Y,  # (N, D) columns
+    SCALE,  # (1,) fp32 logit multiplier s
+    LSE_ROW,  # (M,) fp32 out: natural-log logsumexp of each row
+    POSITIVE,  # (M,) fp32 out: S[i, pos(i)], the positive logit of each row
+    COL_PART,  # (P_alloc, N) fp32 out (WITH_COL): log2-sum-exp2 of each column over this program's rows
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    row_offset,
+    N_BUCKET,  # autotune key only: log2 of N, capped, so a shape class is tuned once
+    MODE: tl.constexpr,
+    WITH_COL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # One pass over S computes both directions' statistics:
+    #   rows: online (running max m_i, running sum l_i) along each row of the row block;
+    #   columns (WITH_COL): per tile, the column's log-sum-exp over the BLOCK_M rows, merged
+    #   into this program's own row of COL_PART (no other program writes it, so no atomics).
+    # The grid is persistent: program p takes row blocks p, p + P, ... so COL_PART needs
+    # only P rows (P ~ number of SMs), i.e. O(P * N) memory rather than O(N^2 / BLOCK_M).
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    half = M // 2
+    for row_block in range(pid, tl.cdiv(M, BLOCK_M), num_programs):
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # The positive logit is read off the same tiles (same rounding as the lse, and no
+        # O(M D) temporaries for a separate dot product); only tiles holding one look.
+        pos = _positive_column(rows, row_offset, half, MODE)
+        pos_lo = tl.min(tl.where(row_ok, pos, N))
+        pos_hi = tl.max(tl.where(row_ok, pos, -1))
+        p_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for col_start in range(0, N, BLOCK_N):
+            cols = col_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            s = _logits_tile_log2(
+                X,
+                Y,
+                rows,
+                cols,
+                M,
+                N,
+                D,
+                stride_x,
+                stride_y,
+                scale_log2,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                INPUT_PRECISION,
+            )
+            valid = row_ok[:, None] & col_ok[None, :]
+            if MODE == 1:  # a view is never its own negative
+                valid = valid & (cols[None, :] != (rows + row_offset)[:, None])
+            s = tl.where(valid, s, float("-inf"))
+
+            # Rows: rescale the running sum to the new running max. A row whose tile is
+            # fully masked keeps m = -inf; subtracting 0 instead avoids (-inf) - (-inf).
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+
+            if (col_start <= pos_hi) & (col_start + BLOCK_N > pos_lo):
+                p_i += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
+
+            if WITH_COL:
+                c_max = tl.max(s, axis=0)
+                c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+                tile_lse = c_safe + tl.log2(tl.sum(tl.exp2(s - c_safe[None, :]), axis=0))
+                part = COL_PART + pid * N + cols
+                old = tl.load(part, mask=col_ok, other=float("-inf"))
+                hi = tl.maximum(old, tile_lse)
+                hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
+                merged = hi_safe + tl.log2(tl.exp2(old - hi_safe) + tl.exp2(tile_lse - hi_safe))
+                tl.store(part, merged, mask=col_ok)
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+        tl.store(LSE_ROW + rows, lse, mask=row_ok)
+        tl.store(POSITIVE + rows, p_i * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_DYNAMIC_INTS)
+def _row_gradient_kernel(
+    X,  # (M, D) rows
+    Y,  # (N, D) columns
+    SCALE,  # (1,) fp32 s
+    OUT_MULT,  # (1,) fp32 g * s / (2 N): upstream gradient times the chain-rule constants
+    LSE_ROW,  # (M,) fp32 natural-log row log-sum-exp (this pass's rows)
+    LSE_COL,  # (N,) fp32 natural-log column log-sum-exp (over *all* rows of the loss)
+    DX,  # (M, D) out, dtype of X
+    GS,  # (M,) fp32 out: gs_i = sum_j W_ij S_ij
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    stride_dx,
+    row_offset,
+    N_BUCKET,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DX: tl.constexpr,  # columns of dX owned by this program (a power of two >= D when it fits)
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Program (i, d) owns dX[row block i, d-block d] and keeps it in registers while it
+    # walks every column block: recompute the S tile, form W, accumulate W @ Y. No
+    # cross-program reduction, so no atomics; dL/dY comes from a second launch with
+    # X and Y (and the two log-sum-exp vectors) swapped.
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    half = M // 2
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    lse_row = tl.load(LSE_ROW + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    pos = _positive_column(rows, row_offset, half, MODE)
+    dcols = pid_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
+    d_ok = dcols < D
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DX), dtype=tl.float32)
+    gs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        s = _logits_tile_log2(
+            X,
+            Y,
+            rows,
+            cols,
+            M,
+            N,
+            D,
+            stride_x,
+            stride_y,
+            scale_log2,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            INPUT_PRECISION,
+        )
+        lse_col = tl.load(LSE_COL + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+        # P_row + P_col, both <= 1, so no overflow for any scale.
+        w = tl.exp2(s - lse_row[:, None]) + tl.exp2(s - lse_col[None, :])
+        w = tl.where(cols[None, :] == pos[:, None], w - 2.0, w)
+        valid = row_ok[:, None] & col_ok[None, :]
+        if MODE == 1:
+            valid = valid & (cols[None, :] != (rows + row_offset)[:, None])
+        w = tl.where(valid, w, 0.0)
+        gs += tl.sum(w * s, axis=1)
+        y = tl.load(
+            Y + cols[:, None] * stride_y + dcols[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DX)
+        # W in [-2, 2] is cast to the input dtype for the tensor cores (as attention
+        # casts P before P @ V); the 1 / (2N) factor is applied after, in fp32.
+        acc = tl.dot(w.to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
+    out = acc * tl.load(OUT_MULT).to(tl.float32)
+    tl.store(
+        DX + rows[:, None] * stride_dx + dcols[None, :],
+        out.to(DX.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    if pid_d == 0:
+        tl.store(GS + rows, gs * 0.6931471805599453, mask=row_ok)
+
+
+# --------------------------------------------------------------------------- tuning
+# Candidates chosen for D = 256..1024 on Hopper: the forward is a GEMM with a softmax
+# epilogue; the backward keeps a (BLOCK_M, BLOCK_DX) fp32 accumulator in registers,
+# so its BLOCK_M stays at 64 for D = 512. The autotuner skips configs that run out
+# of registers or shared memory.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+]
+_MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS)
+# Interpreter (CPU) blocks: each interpreted op costs about the same whatever its size,
+# so large blocks run the tests several times faster (128 vs 64: 4x).
+_INTERPRET_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
+_MAX_BLOCK_DX = 512  # fp32 accumulator columns per program in the backward
+
+# One launch at N = 65,536 takes milliseconds: 20 ms of timing per config is plenty.
+_quick_bench = functools.partial(do_bench, warmup=5, rep=20)
+
+_row_logsumexp_tuned = triton.autotune(
+    _FWD_CONFIGS,
+    key=["D", "N_BUCKET", "MODE", "WITH_COL"],
+    restore_value=["COL_PART"],
+    do_bench=_quick_bench,
+)(_row_logsumexp_kernel)
+_row_gradient_tuned = triton.autotune(
+    _BWD_CONFIGS, key=["D", "N_BUCKET", "MODE"], do_bench=_quick_bench
+)(_row_gradient_kernel)
+
+
+def _n_bucket(n: int) -> int:
+    # Shapes of the same order tune alike; capping at 2^16 means a 1M-row batch reuses
+    # the 65,536 choice instead of timing several configs for seconds each.
+    return min(max(n - 1, 1).bit_length(), 16)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if INTERPRETED or dtype != torch.float32:
+        return "ieee"
+    # fp32 follows torch's own matmul setting, so "highest" means IEEE fp32 here too.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check_runnable(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not INTERPRETED:
+        raise ValueError(
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+            "kernels is imported; use backend='torch' for CPU training"
+        )
+
+
+# --------------------------------------------------------------------------- launchers
+def row_logsumexp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    row_offset: int,
+    mode: int,
+    with_col: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """lse_row (M,), positive logits (M,) and, if with_col, these rows' column lse (N,)."""
+    _check_runnable(x)
+    x, y = x.contiguous(), y.contiguous()
+    m, d = x.shape
+    n = y.shape[0]
+    lse_row = torch.empty(m, device=x.device, dtype=torch.float32)
+    positive = torch.empty(m, device=x.device, dtype=torch.float32)
+    if INTERPRETED:
+        blocks = _INTERPRET_BLOCKS
+        programs = triton.cdiv(m, blocks["BLOCK_M"])
+        if with_col:
+            programs = min(programs, 4)
+    else:
+        blocks = {}
+        programs = triton.cdiv(m, _MIN_FWD_BLOCK_M)
+        if with_col:
+            programs = min(programs, _num_sms(x.device.index or 0))
+    # One partial row per program; programs left without rows keep -inf, which the
+    # final log-sum-exp over programs ignores.
+    col_part = torch.full(
+        (programs if with_col else 1, n if with_col else 1),
+        float("-inf"),
+        device=x.device,
+        dtype=torch.float32,
+    )
+
+    def grid(meta):
+        return (min(triton.cdiv(m, meta["BLOCK_M"]), programs),)
+
+    kernel = _row_logsumexp_kernel if INTERPRETED else _row_logsumexp_tuned
+    kernel[grid](
+        x,
+        y,
+        scale,
+        lse_row,
+        positive,
+        col_part,
+        m,
+        n,
+        d,
+        x.stride(0),
+        y.stride(0),
+        row_offset,
+        _n_bucket(n),
+        MODE=mode,
+        WITH_COL=with_col,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        **blocks,
+    )
+    if not with_col:
+        return lse_row, positive, None
+    return lse_row, positive, torch.logsumexp(col_part.mul_(math.log(2.0)), dim=0)
+
+
+def row_gradient(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    out_mult: torch.Tensor,
+    lse_row: torch.Tensor,
+    lse_col: torch.Tensor,
+    *,
+    row_offset: int,
+    mode: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dX (M, D) in x's dtype and gs (M,) fp32; see the module docstring."""
+    _check_runnable(x)
+    x, y = x.contiguous(), y.contiguous()
+    m, d = x.shape
+    n = y.shape[0]
+    dx = torch.empty_like(x)
+    gs = torch.empty(m, device=x.device, dtype=torch.float32)
+    block_dx = min(max(triton.next_power_of_2(d), 16), _MAX_BLOCK_DX)
+    blocks = _INTERPRET_BLOCKS if INTERPRETED else {}
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, block_dx))
+
+    kernel = _row_gradient_kernel if INTERPRETED else _row_gradient_tuned
+    kernel[grid](
+        x,
+        y,
+        scale,
+        out_mult,
+        lse_row.contiguous(),
+        lse_col.contiguous(),
+        dx,
+        gs,
+        m,
+        n,
+        d,
+        x.stride(0),
+        y.stride(0),
+        dx.stride(0),
+        row_offset,
+        _n_bucket(n),
+        MODE=mode,
+        BLOCK_DX=block_dx,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        **blocks,
+    )
+    return dx, gs

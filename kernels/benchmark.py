@@ -1,0 +1,254 @@
+"""Benchmark the contrastive loss backends: time and extra memory of forward + backward.
+
+    python -m kernels.benchmark                       # CPU: fp32, D=256, N in 4096..65536
+    python -m kernels.benchmark --device cuda         # GPU: bf16, D=512, + N=1,048,576 (triton)
+
+Prints a table and rewrites this device's section of docs/benchmarks.md (--output).
+Columns: backend, loss, N, D, dtype, ms for one forward + backward, effective GFLOP/s
+counting 8 N^2 D (kernels.contrastive.logits_flops), extra peak memory. "Extra" is the
+peak during the call minus what was allocated before it (the features) minus the
+returned gradients (2 N D elements, the same for every backend): the scratch memory
+the loss itself needs.
+
+CPU memory is the process's peak RSS (getrusage), so each case runs in a fresh
+subprocess; GPU memory is torch.cuda.max_memory_allocated. A case whose estimated need
+exceeds the free memory is reported as skipped, not run: the reference needs about
+16 N^2 bytes (fp32 logits, two log-softmaxes and their gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.contrastive import clip_loss, logits_flops, ntxent_loss
+
+LOSSES = {"clip": (clip_loss, 1 / 0.07), "ntxent": (ntxent_loss, 0.1)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REFERENCE_BYTES_PER_LOGIT = 16
+
+
+def _features(n: int, d: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device=device).manual_seed(0)
+    a = F.normalize(torch.randn(n, d, device=device, generator=g), dim=1)
+    b = F.normalize(a + torch.randn(n, d, device=device, generator=g), dim=1)
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+
+
+def _fwd_bwd(loss_name: str, backend: str, a, b):
+    fn, s = LOSSES[loss_name]
+    scale = torch.tensor(s, device=a.device, requires_grad=True)
+    loss = fn(a, b, scale, backend=backend)
+    return torch.autograd.grad(loss, (a, b, scale))
+
+
+def _free_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    meminfo = Path("/proc/meminfo").read_text()
+    return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+
+
+def _needs_too_much(backend: str, loss: str, n: int, device: str) -> str | None:
+    if backend != "reference":
+        return None
+    rows = 2 * n if loss == "ntxent" else n
+    need = REFERENCE_BYTES_PER_LOGIT * rows * rows
+    if need > 0.8 * _free_bytes(device):
+        return f"skipped: needs ~{need / 2**30:.0f} GiB"
+    return None
+
+
+def _measure_cpu(loss: str, backend: str, n: int, d: int, dtype: str) -> dict:
+    """Runs in a fresh process: peak RSS is a high-water mark per process."""
+    a, b = _features(n, d, DTYPES[dtype], "cpu")
+    small_a, small_b = _features(256, d, DTYPES[dtype], "cpu")
+    _fwd_bwd(loss, backend, small_a, small_b)  # thread pools, allocator: warm
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    grads = _fwd_bwd(loss, backend, a, b)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    outputs = sum(g.numel() * g.element_size() for g in grads)
+    return {"ms": seconds * 1e3, "extra_bytes": max(peak - before - outputs, 0)}
+
+
+def _measure_cuda(loss: str, backend: str, n: int, d: int, dtype: str, repeat: int) -> dict:
+    a, b = _features(n, d, DTYPES[dtype], "cuda")
+    if repeat > 1:  # compile and autotune outside the timing (huge N reuses smaller N's)
+        _fwd_bwd(loss, backend, a, b)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        grads = _fwd_bwd(loss, backend, a, b)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        outputs = sum(g.numel() * g.element_size() for g in grads)
+        extra = torch.cuda.max_memory_allocated() - before - outputs
+        del grads
+    return {"ms": statistics.median(times), "extra_bytes": max(extra, 0)}
+
+
+def _run_case(args, loss: str, backend: str, n: int) -> dict:
+    row = {"backend": backend, "loss": loss, "n": n, "d": args.dim, "dtype": args.dtype}
+    skip = _needs_too_much(backend, loss, n, args.device)
+    if skip:
+        return {**row, "note": skip}
+    if args.device == "cuda":
+        try:
+            repeat = 1 if n > 200_000 else args.repeat
+            return {**row, **_measure_cuda(loss, backend, n, args.dim, args.dtype, repeat)}
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return {**row, "note": "out of memory"}
+    # CPU: one subprocess per case so that peak RSS belongs to this case alone.
+    code = (
+        "import json, sys; from kernels.benchmark import _measure_cpu; "
+        f"print(json.dumps(_measure_cpu({loss!r}, {backend!r}, {n}, {args.dim}, {args.dtype!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**row, "note": f"failed: {reason[:80]}"}
+    return {**row, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _table(rows: list[dict], flops_unit: str) -> str:
+    div = 1e12 if flops_unit == "TFLOP/s" else 1e9
+    header = (
+        f"| backend | loss | N | D | dtype | ms fwd+bwd | {flops_unit} (8N²D) "
+        "| x reference | extra peak memory |"
+    )
+    lines = [header, "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    ref_ms = {
+        (r["loss"], r["n"]): r["ms"] for r in rows if r["backend"] == "reference" and "ms" in r
+    }
+    for r in rows:
+        if "ms" not in r:
+            cells = [r["note"], "", "", ""]
+        else:
+            rate = logits_flops(r["n"], r["d"]) / (r["ms"] / 1e3) / div
+            ref = ref_ms.get((r["loss"], r["n"]))
+            speedup = f"{ref / r['ms']:.2f}x" if ref else "-"
+            cells = [f"{r['ms']:.1f}", f"{rate:.1f}", speedup, _format_bytes(r["extra_bytes"])]
+        lines.append(
+            f"| {r['backend']} | {r['loss']} | {r['n']:,} | {r['d']} | {r['dtype']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _write_section(path: Path, device: str, body: str) -> None:
+    """Replace this device kind's section ("## CPU" or "## GPU") and keep the other."""
+    title = "## GPU" if device == "cuda" else "## CPU"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Kernel benchmarks\n\nWritten by `python -m kernels.benchmark`; each device kind keeps its own section.\n"
+    )
+    sections = re.split(r"(?m)^(?=## )", text)
+    head, rest = sections[0], [s for s in sections[1:] if not s.startswith(title)]
+    rest.append(f"{title}\n\n{body}\n\n")
+    rest.sort()  # CPU before GPU
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(head.rstrip() + "\n\n" + "".join(rest).rstrip() + "\n")
+    tmp.replace(path)  # never a half-written file
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.benchmark",
+        description="Time and memory of the contrastive loss backends (forward + backward).",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sizes", default="4096,16384,65536", help="comma-separated N")
+    parser.add_argument("--dim", type=int, default=None, help="D (default 256 CPU, 512 GPU)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default fp32 CPU, bf16 GPU")
+    parser.add_argument("--backends", default=None, help="default reference,torch (+triton on GPU)")
+    parser.add_argument("--losses", default="clip", help="comma-separated: clip,ntxent")
+    parser.add_argument(
+        "--huge",
+        type=int,
+        default=None,
+        help="one more CLIP N, fused backend only (GPU default 1048576)",
+    )
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per GPU case (median)")
+    parser.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    args.dim = args.dim or (512 if gpu else 256)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    backends = (args.backends or ("reference,torch,triton" if gpu else "reference,torch")).split(
+        ","
+    )
+    if args.huge is None and gpu:
+        args.huge = 1 << 20
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    rows = []
+    for loss in args.losses.split(","):
+        cases = [(backend, n) for n in sizes for backend in backends]
+        if args.huge and loss == "clip":  # NT-Xent's would be 2 * huge views
+            cases.append(("triton" if gpu else "torch", args.huge))
+        for backend, n in cases:
+            row = _run_case(args, loss, backend, n)
+            rows.append(row)
+            shown = f"{row['ms']:.1f} ms" if "ms" in row else row["note"]
+            print(f"  {backend:9s} {loss:6s} N={n:>9,}: {shown}", file=sys.stderr, flush=True)
+
+    unit = "TFLOP/s" if gpu else "GFLOP/s"
+    table = _table(rows, unit)
+    print(table)
+    command = "python -m kernels.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = (
+        f"{dt.date.today().isoformat()}, {_device_name(args.device)}, torch {torch.__version__}"
+        + (f", triton {_triton_version()}" if gpu else "")
+        + f". Command: `{command.strip()}`.\n\n{table}"
+    )
+    _write_section(args.output, args.device, body)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The fused contrastive losses against the full-logits reference, on CPU.
+
+Tolerances (fp32, CPU): the fused backends and the reference compute the same sums in a
+different order (tiles, online log-sum-exp), so they agree to a few fp32 ulps of the
+largest term: the loss (about log N, at most ~10 here) to 1e-5 absolute, gradients to
+1e-5 of the largest reference gradient entry, with a floor of 2e-7 * s^2: a logit of
+size s carries a rounding of ~1e-7 * s (S_ij and S_ji may differ by that, too), which
+moves each weight W = P_row + P_col - 2 by as much, and dX sums 2N weights times s / 2N.
+The floor matters where the exact gradient is 0, as for NT-Xent with N = 1. Triton runs
+interpreted here, where tl.dot is IEEE fp32, so the same tolerance applies.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import _contrastive_torch, clip_loss, ntxent_loss
+from kernels.reference import clip_loss_reference, ntxent_loss_reference
+
+NS = [1, 2, 7, 64, 129, 1000]
+DS = [3, 64, 65, 256]
+LOSSES = {
+    # name: (loss, reference, scale or temperature used by the sweep)
+    "clip": (clip_loss, clip_loss_reference, 1 / 0.07),
+    "ntxent": (ntxent_loss, ntxent_loss_reference, 0.1),
+}
+
+
+def _features(n, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    # Partners correlated with a, as after some training: positives dominate the rows.
+    b = F.normalize(a + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+
+
+def _multiplier(loss_name, s):
+    """The logit multiplier: CLIP's scale itself, NT-Xent's 1 / temperature."""
+    return s if loss_name == "clip" else 1 / s
+
+
+def _loss_and_grads(fn, a, b, s, **kwargs):
+    s = s.detach().clone().requires_grad_()
+    loss = fn(a, b, s, **kwargs)
+    return (loss, *torch.autograd.grad(loss, (a, b, s)))
+
+
+def _assert_matches(got, want, scale, loss_atol=1e-5, grad_rtol=1e-5):
+    names = ["loss", "grad a", "grad b", "grad scale"]
+    floor = 2e-7 * scale**2
+    for name, g, w in zip(names, got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        atol = loss_atol if name == "loss" else max(grad_rtol * w.abs().max().item(), floor)
+        torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=grad_rtol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("d", DS)
+@pytest.mark.parametrize("n", NS)
+def test_matches_reference(n, d, loss_name, backend):
+    fn, ref, s = LOSSES[loss_name]
+    a, b = _features(n, d, seed=n * 1000 + d)
+    scale = torch.tensor(s)
+    got = _loss_and_grads(fn, a, b, scale, backend=backend)
+    want = _loss_and_grads(ref, a, b, scale)
+    _assert_matches(got, want, _multiplier(loss_name, s))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_scale_100_does_not_overflow(loss_name, backend):
+    # Identical features: every positive logit is exactly 100 (CLIP's clamp), the largest
+    # value a normalised batch can produce.
+    fn, ref, _ = LOSSES[loss_name]
+    a, _ = _features(129, 64)
+    b = a.detach().clone().requires_grad_()
+    scale = torch.tensor(100.0) if loss_name == "clip" else torch.tensor(0.01)
+    got = _loss_and_grads(fn, a, b, scale, backend=backend)
+    want = _loss_and_grads(ref, a, b, scale)
+    _assert_matches(got, want, 100.0, loss_atol=1e-4)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_torch_backend_small_odd_tiles(loss_name, monkeypatch):
+    # 3 x 7 tiles: every merge across row and column tiles, and positives and NT-Xent's
+    # self entries falling on tile edges (one 512 x 512 tile holds these whole batches).
+    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 3)
+    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 7)
+    fn, ref, s = LOSSES[loss_name]
+    a, b = _features(100, 32)
+    got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="torch")
+    want = _loss_and_grads(ref, a, b, torch.tensor(s))
+    _assert_matches(got, want, _multiplier(loss_name, s))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_half_precision_inputs_torch_backend(loss_name, dtype):
+    # Both sides read the same rounded inputs and accumulate in fp32, so the loss agrees
+    # to fp32 accuracy; gradients come back in the input dtype, one rounding of 2^-8
+    # (bf16) or 2^-11 (fp16) relative, hence rtol 1e-2 / 2e-3.
+    fn, ref, s = LOSSES[loss_name]
+    a, b = _features(300, 64, dtype=dtype)
+    got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="torch")
+    want = _loss_and_grads(ref, a, b, torch.tensor(s))
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    rtol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    _assert_matches(got, want, _multiplier(loss_name, s), grad_rtol=rtol)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_gradcheck_float64_torch_backend(loss_name):
+    fn, _, s = LOSSES[loss_name]
+    a, b = _features(6, 5, dtype=torch.float64)
+    scale = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y, t: fn(x, y, t, backend="torch"), (a, b, scale))
+
+
+def test_temperature_gradient_flows_through_float_and_tensor():
+    a, b = _features(16, 8)
+    loss_float = ntxent_loss(a, b, 0.5, backend="torch")
+    tau = torch.tensor(0.5, requires_grad=True)
+    loss_tensor = ntxent_loss(a, b, tau, backend="torch")
+    torch.testing.assert_close(loss_float, loss_tensor)
+    (grad_tau,) = torch.autograd.grad(loss_tensor, tau)
+    tau_ref = torch.tensor(0.5, requires_grad=True)
+    (want,) = torch.autograd.grad(ntxent_loss_reference(a, b, tau_ref), tau_ref)
+    torch.testing.assert_close(grad_tau, want)
+
+
+def test_loss_is_permutation_invariant_and_matches_formula():
+    # Independent of the reference: CLIP's loss for orthonormal pairs (S = s I) is
+    # log(1 + (N - 1) exp(-s)) in both directions.
+    n, s = 8, 5.0
+    eye = torch.eye(n)
+    loss = clip_loss(eye, eye, torch.tensor(s), backend="torch")
+    expected = torch.log1p(torch.tensor((n - 1) * torch.exp(torch.tensor(-s)).item()))
+    torch.testing.assert_close(loss, expected)
+    perm = torch.randperm(n)
+    torch.testing.assert_close(clip_loss(eye[perm], eye[perm], torch.tensor(s)), loss)
+
+
+BAD_INPUTS = [
+    ("not 2-D", lambda a, b: (a[0], b[0], 10.0), "2-D"),
+    ("shapes differ", lambda a, b: (a, b[:-1], 10.0), "shapes differ"),
+    ("dims differ", lambda a, b: (a, b[:, :-1], 10.0), "shapes differ"),
+    ("empty", lambda a, b: (a[:0], b[:0], 10.0), "N == 0"),
+    ("dtypes differ", lambda a, b: (a, b.double(), 10.0), "dtypes differ"),
+    ("integer", lambda a, b: (a.long(), b.long(), 10.0), "float32"),
+    ("nan scale", lambda a, b: (a, b, float("nan")), "finite"),
+    ("inf scale", lambda a, b: (a, b, torch.tensor(float("inf"))), "finite"),
+    ("vector scale", lambda a, b: (a, b, torch.ones(2)), "scalar"),
+]
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_value_error(loss_name, case):
+    fn = LOSSES[loss_name][0]
+    a, b = _features(4, 8)
+    _, make, message = case
+    with pytest.raises(ValueError, match=message):
+        fn(*make(a.detach(), b.detach()), backend="torch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_devices_differ_raises():
+    a, b = _features(4, 8)
+    with pytest.raises(ValueError, match="different devices"):
+        clip_loss(a, b.cuda(), 10.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1, torch.tensor(-1.0)])
+def test_non_positive_temperature_raises(temperature):
+    a, b = _features(4, 8)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ntxent_loss(a, b, temperature)
+
+
+def test_unknown_backend_raises():
+    a, b = _features(4, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        clip_loss(a, b, 10.0, backend="cuda")
+
+
+def test_triton_backend_rejects_float64():
+    a, b = _features(4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        clip_loss(a, b, 10.0, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_n_by_n_allocation(backend, monkeypatch):
+    """The fused backends never allocate an N x N tensor, forward or backward.
+
+    Every tensor allocated through the torch dispatcher is inspected with a
+    TorchDispatchMode; with N = 300 > D any tensor with >= N * N / 2 elements would be
+    quadratic. The torch backend's tiles are made smaller than that here.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 64)
+    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 64)
+    n = 300
+    largest = 0
+
+    class LargestAllocation(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal largest
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest = max(largest, t.numel())
+            return out
+
+    for fn, _, s in LOSSES.values():
+        a, b = _features(n, 16)
+        with LargestAllocation():
+            loss = fn(a, b, torch.tensor(s), backend=backend)
+            loss.backward()
+    assert largest < n * n // 2, largest
+    # The same probe sees the reference's quadratic logits, so it does measure something.
+    largest = 0
+    a, b = _features(n, 16)
+    with LargestAllocation():
+        clip_loss(a, b, 10.0, backend="reference").backward()
+    assert largest >= n * n

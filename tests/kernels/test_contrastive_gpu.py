@@ -1,0 +1,115 @@
+"""The Triton backend on a CUDA GPU: half precision, TF32, and large N.
+
+Tolerances, each against the reference fed the same (rounded) inputs, its logits in fp32:
+- bf16 / fp16 inputs: the kernels multiply the inputs exactly into fp32 accumulators, so
+  the loss agrees to fp32 summation error (1e-4 relative). Gradients go through W cast to
+  the input dtype for the tensor cores and come back in that dtype: two roundings of
+  2^-8 (bf16) or 2^-11 (fp16) relative, so rtol 2e-2 / 4e-3 of the largest entry.
+- fp32 with TF32: inputs are rounded to 10 mantissa bits (2^-11 relative) inside the dot,
+  so logits move by ~1e-4 * s: the loss to 2e-3, gradients to 1e-2 of the largest entry.
+- fp32 without TF32 (IEEE): as on CPU, 1e-5.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import clip_loss, ntxent_loss
+from kernels.reference import clip_loss_reference, ntxent_loss_reference
+
+pytestmark = pytest.mark.gpu
+
+LOSSES = {
+    "clip": (clip_loss, clip_loss_reference, 1 / 0.07),
+    "ntxent": (ntxent_loss, ntxent_loss_reference, 0.1),
+}
+TOLERANCES = {  # dtype: (loss rtol, gradient rtol of the largest entry)
+    "bf16": (1e-4, 2e-2),
+    "fp16": (1e-4, 4e-3),
+    "tf32": (2e-3, 1e-2),
+    "ieee": (1e-5, 1e-5),
+}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "tf32": torch.float32,
+    "ieee": torch.float32,
+}
+
+
+@pytest.fixture
+def tf32_matmul(request):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _features(n, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1)
+    b = F.normalize(a + 0.8 * torch.randn(n, d, device="cuda", generator=g), dim=1)
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+
+
+def _loss_and_grads(fn, a, b, s, **kwargs):
+    scale = torch.tensor(s, device="cuda", requires_grad=True)
+    loss = fn(a, b, scale, **kwargs)
+    return (loss, *torch.autograd.grad(loss, (a, b, scale)))
+
+
+def _check(loss_name, precision, n, d):
+    fn, ref, s = LOSSES[loss_name]
+    loss_rtol, grad_rtol = TOLERANCES[precision]
+    a, b = _features(n, d, DTYPES[precision], seed=n + d)
+    got = _loss_and_grads(fn, a, b, s, backend="triton")
+    # The reference never uses TF32: it is the exact fp32 answer.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    want = _loss_and_grads(ref, a, b, s)
+    torch.backends.cuda.matmul.allow_tf32 = before
+    torch.testing.assert_close(got[0], want[0], rtol=loss_rtol, atol=0, msg="loss")
+    for name, g, w in zip(["grad a", "grad b", "grad scale"], got[1:], want[1:], strict=True):
+        assert g.dtype == w.dtype, name
+        atol = grad_rtol * w.abs().max().item()
+        torch.testing.assert_close(g.float(), w.float(), rtol=grad_rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("tf32_matmul", [False], indirect=True)
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "ieee"])
+@pytest.mark.parametrize("n,d", [(1, 3), (129, 65), (4096, 512), (16384, 256)])
+def test_matches_reference(n, d, precision, loss_name, tf32_matmul):
+    _check(loss_name, precision, n, d)
+
+
+@pytest.mark.parametrize("tf32_matmul", [True], indirect=True)
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_tf32_matches_reference(loss_name, tf32_matmul):
+    _check(loss_name, "tf32", 4096, 512)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_65536_matches_torch_backend(loss_name):
+    # The reference would need ~70 GB here; the tiled torch backend (fp32 on the GPU,
+    # O(N) memory) is the comparison. Tolerances as for bf16 above.
+    fn, _, s = LOSSES[loss_name]
+    a, b = _features(65536, 512, torch.bfloat16)
+    got = _loss_and_grads(fn, a, b, s, backend="triton")
+    want = _loss_and_grads(fn, a, b, s, backend="torch")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(
+            g.float(), w.float(), rtol=2e-2, atol=2e-2 * w.abs().max().item()
+        )
+
+
+def test_no_quadratic_memory_at_65536():
+    # Scratch beyond the inputs and gradients: O(N) statistics + one (programs, N) table.
+    a, b = _features(65536, 512, torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _, ga, gb, _ = _loss_and_grads(clip_loss, a, b, 1 / 0.07, backend="triton")
+    extra = torch.cuda.max_memory_allocated() - before - 2 * ga.numel() * ga.element_size()
+    assert extra < 64 * 2**20, extra

@@ -1,0 +1,34 @@
+"""The Triton kernels compile for Hopper (sm_90a) without a GPU: every autotune config of
+the bf16 CLIP path (the benchmarked one) must compile, use wgmma, fit Hopper's 228 KB of
+shared memory per block, and spill at most a little (ptxas spill stores under 1 KB)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernels import _contrastive_triton as K
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+def test_all_configs_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.hopper_compile"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(reports) == len(K._FWD_CONFIGS) + len(K._BWD_CONFIGS)
+    for r in reports:
+        assert r["wgmma"], r
+        assert r["shared_bytes"] <= 228 * 1024, r
+        assert r["spill_store_bytes"] < 1024, r
