@@ -39,6 +39,12 @@ from kernels.contrastive import clip_loss, logits_flops, ntxent_loss
 LOSSES = {"clip": (clip_loss, 1 / 0.07), "ntxent": (ntxent_loss, 0.1)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCE_BYTES_PER_LOGIT = 16
+FOOTNOTE = (
+    "N is the number of pairs; the rate counts 8 N² D for both losses, so for NT-Xent, "
+    "whose S is 2N x 2N, the arithmetic done is four times what the rate column credits. "
+    "'x reference' is the reference's time over this row's; extra peak memory excludes "
+    "the features and the returned gradients."
+)
 
 
 def _features(n: int, d: int, dtype: torch.dtype, device: str):
@@ -125,8 +131,10 @@ def _run_case(args, loss: str, backend: str, n: int) -> dict:
         f"print(json.dumps(_measure_cpu({loss!r}, {backend!r}, {n}, {args.dim}, {args.dtype!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode < 0:  # killed by a signal: on Linux, SIGKILL is the OOM killer
+        return {**row, "note": f"killed by signal {-proc.returncode} (out of memory?)"}
     if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        reason = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         return {**row, "note": f"failed: {reason[:80]}"}
     return {**row, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     body = (
         f"{dt.date.today().isoformat()}, {_device_name(args.device)}, torch {torch.__version__}"
         + (f", triton {_triton_version()}" if gpu else "")
-        + f". Command: `{command.strip()}`.\n\n{table}"
+        + f". Command: `{command.strip()}`.\n\n{table}\n\n{FOOTNOTE}"
     )
     _write_section(args.output, args.device, body)
     print(f"wrote {args.output}", file=sys.stderr)

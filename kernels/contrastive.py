@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from kernels import _contrastive_torch
-from kernels.distributed import group_rank_and_size
+from kernels.distributed import all_gather_rows, group_rank_and_size
 
 MODE_CLIP = 0
 MODE_NTXENT = 1
@@ -41,18 +41,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # --------------------------------------------------------------------------- collectives
 def _gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int, int]:
     """(n_local, D) -> (n_global, D) in rank order, this rank's first row, n_global."""
-    rank, world = group_rank_and_size(group)
-    if world == 1:
-        return x, 0, x.shape[0]
-    count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = [torch.empty_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    counts = [int(c) for c in counts]
-    padded = x.new_zeros((max(counts), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    chunks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(chunks, padded, group=group)
-    gathered = torch.cat([c[:n] for c, n in zip(chunks, counts, strict=True)])
+    gathered, counts = all_gather_rows(x, group)
+    rank = group_rank_and_size(group)[0]
     return gathered, sum(counts[:rank]), sum(counts)
 
 

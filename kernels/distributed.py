@@ -1,14 +1,16 @@
-"""Collectives for the contrastive loss: gather features from every rank, with gradient.
+"""Collectives for contrastive losses: gather every rank's features, with or without
+gradient. Imports only torch.
 
-Each rank computes the loss of its local rows against the global columns, so it needs
-every rank's features (forward) and must send back to each rank the gradient that the
-whole group computed for that rank's rows (backward). Imports only torch.
+The fused losses (kernels.contrastive) gather without gradient: each rank computes the
+complete gradient of its own rows itself. all_gather_with_grad is for losses written in
+plain torch on top of gathered features (open_clip's pattern), where each rank's loss
+back-propagates into every rank's rows and the backward must sum those contributions.
 """
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_with_grad", "group_rank_and_size"]
+__all__ = ["all_gather_rows", "all_gather_with_grad", "group_rank_and_size"]
 
 
 def group_rank_and_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -18,33 +20,36 @@ def group_rank_and_size(group: dist.ProcessGroup | None = None) -> tuple[int, in
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def all_gather_rows(
+    tensor: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, and each rank's row
+    count. No gradient. Ranks may hold different numbers of rows (for example the last,
+    short batch); all_gather needs equal shapes, so the counts are exchanged first and
+    each rank's rows are padded to the largest and stripped again."""
+    _, world_size = group_rank_and_size(group)
+    if world_size == 1:
+        return tensor, [tensor.shape[0]]
+    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    counts_t = [torch.empty_like(count) for _ in range(world_size)]
+    dist.all_gather(counts_t, count, group=group)
+    counts = [int(c.item()) for c in counts_t]  # (world_size,) row counts
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))  # (n_max, *rest)
+    padded[: tensor.shape[0]] = tensor
+    chunks = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(chunks, padded, group=group)
+    return torch.cat([c[:n] for c, n in zip(chunks, counts, strict=True)], dim=0), counts
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         # tensor: (n_local, *rest) -> out: (n_global, *rest), rank 0's rows first.
-        rank, world_size = group_rank_and_size(group)
-
-        # Ranks may hold different numbers of rows (for example the last, short batch), and
-        # all_gather needs equal shapes: exchange the row counts, pad to the largest, strip.
-        count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
-        counts_t = [torch.empty_like(count) for _ in range(world_size)]
-        dist.all_gather(counts_t, count, group=group)
-        counts = [int(c.item()) for c in counts_t]  # (world_size,) row counts
-        n_max = max(counts)
-
-        tensor = tensor.contiguous()
-        if tensor.shape[0] < n_max:
-            pad = tensor.new_zeros((n_max - tensor.shape[0], *tensor.shape[1:]))
-            tensor = torch.cat([tensor, pad], dim=0)  # (n_max, *rest)
-        chunks = [
-            torch.empty_like(tensor) for _ in range(world_size)
-        ]  # world_size x (n_max, *rest)
-        dist.all_gather(chunks, tensor, group=group)
-
+        gathered, counts = all_gather_rows(tensor, group)
         ctx.group = group
-        ctx.rank = rank
+        ctx.rank = group_rank_and_size(group)[0]
         ctx.counts = counts
-        return torch.cat([c[:n] for c, n in zip(chunks, counts, strict=True)], dim=0)
+        return gathered
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
