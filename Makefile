@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format clean bench-kernels gpu-check
+.PHONY: help install test lint format clean bench-kernels bench-data gpu-check
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,9 @@ GPU_PYTEST_WORKERS = $(shell $(GPU_PYTHON) -c 'import xdist' 2>/dev/null && echo
 
 bench-kernels: $(STAMP) ## CPU kernel benchmark: prints the table, writes docs/benchmarks.md
 	$(BIN)/python -m kernels.benchmark --device cpu
+
+bench-data: $(STAMP) ## Input pipeline benchmark (demo shards): prints the table, writes docs/benchmarks-data.md
+	$(BIN)/python -m data_pipeline.benchmark
 
 gpu-check: ## On a CUDA machine: gpu-marked tests, then the GPU benchmark -> docs/benchmarks.md
 	$(GPU_PYTHON) -m pytest -m gpu tests/kernels -p no:cacheprovider -q $(GPU_PYTEST_WORKERS)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
+from data_pipeline.cli import add_data_commands
 from trainer import __version__
 
 # Distributions reported by `megabatch env`, by their installed (PyPI) names.
@@ -18,6 +19,9 @@ _REPORTED_PACKAGES = (
     "accelerate",
     "prometheus-client",
     "numpy",
+    "pillow",
+    "scikit-learn",
+    "pyarrow",
 )
 # Environment variables that change how the distributed stack behaves.
 _REPORTED_ENV = ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "env", help="print versions and devices (paste this into bug reports)"
     )
     env.set_defaults(func=_cmd_env)
+    add_data_commands(commands)
     return parser
 
 

@@ -1,0 +1,193 @@
+"""Input pipeline throughput: samples per second, per stage and worker count.
+
+    python -m data_pipeline.benchmark            # builds 256 x 256 demo shards if missing
+
+Stages, each an endless stream over the demo's training shards in DataLoader worker
+processes (one DataLoader per row, so worker start-up is not timed), measured for at
+least --seconds after a warm-up:
+- read:         tar bytes to raw samples (no image work)
+- decode:       + PIL decode of every image to RGB, full size
+- clip:         the training pipeline: decode, centre square, tokenize, batch; images
+                stay at the shards' side (--load-size) and the device resizes them
+- clip-resize:  the same with the workers resizing to --crop (PIL, antialiased bilinear)
+- simclr:       decode and centre square in the workers, then the two kornia views in
+                the main process (on the CPU here; on the training device in a real run)
+Prints a table and writes docs/benchmarks-data.md. Targets: clip at least 85% of decode
+per worker, and 2 workers at least 1.7x one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.loader import LoaderConfig, ShardLoader, resolve_sources
+from data_pipeline.shard_format import IMAGE_EXTENSIONS
+from data_pipeline.shard_plan import Slot, epoch_share
+from data_pipeline.shard_stream import RateLimitedWarnings, source_samples
+from data_pipeline.transforms import ImageConfig
+
+STAGES = ("read", "decode", "clip", "clip-resize", "simclr")
+
+
+class _RawStage(IterableDataset):
+    """read / decode stages: this worker's share of the shards, counted per chunk."""
+
+    def __init__(self, spec, decode: bool, chunk: int):
+        super().__init__()
+        self.spec, self.decode, self.chunk = spec, decode, chunk
+
+    def __iter__(self):
+        info = get_worker_info()
+        slot = Slot(0, 1, info.id if info else 0, info.num_workers if info else 1)
+        (source,) = resolve_sources(self.spec)
+        epoch = 0
+        while True:  # endless: epochs back to back
+            share = epoch_share(len(source.urls), 0, epoch, slot)
+            yield from self._counts(source, share)
+            epoch += 1
+
+    def _counts(self, source, share):
+        samples = source_samples(source, share.shards, share.stride, share.offset, 0,
+                                 RateLimitedWarnings(), Counter())  # fmt: skip
+        n = 0
+        for sample in samples:
+            if self.decode:
+                ext = next(e for e in sample if e in IMAGE_EXTENSIONS)
+                with Image.open(io.BytesIO(sample[ext])) as img:
+                    img.convert("RGB")
+            n += 1
+            if n == self.chunk:
+                yield n
+                n = 0
+        if n:
+            yield n
+
+
+def _rate(batches, min_seconds: float, size=lambda b: b) -> float:
+    """Samples per second of an endless batch iterator, after a one-second warm-up."""
+    start = time.perf_counter()
+    for _ in batches:  # warm-up: worker start-up, page cache
+        if time.perf_counter() - start > 1.0:
+            break
+    samples, start = 0, time.perf_counter()
+    for batch in batches:
+        samples += size(batch)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return samples / elapsed
+    raise RuntimeError("stream ended")
+
+
+def _measure(stage: str, workers: int, args, tokenizer: str) -> float:
+    if stage in ("read", "decode"):
+        dataset = _RawStage(str(args.shards), decode=stage == "decode", chunk=args.batch_size)
+        return _rate(iter(DataLoader(dataset, batch_size=None, num_workers=workers)), args.seconds)
+    load_size = args.crop if stage == "clip-resize" else args.load_size
+    config = LoaderConfig(shards=str(args.shards), task=stage.split("-")[0],
+                          batch_size=args.batch_size, num_workers=workers, resampled=True,
+                          image=ImageConfig(size=args.crop, load_size=load_size),
+                          tokenizer=tokenizer, pin_memory=False)  # fmt: skip
+    batches = iter(ShardLoader(config))
+    if stage != "simclr":
+        return _rate(batches, args.seconds, len)
+    from data_pipeline.views import SimCLRViews, ViewConfig
+
+    views = SimCLRViews(ViewConfig(size=args.crop))
+
+    def with_views():
+        for i, batch in enumerate(batches):
+            views(batch.images, seed=i)
+            yield batch
+
+    return _rate(with_views(), args.seconds, len)
+
+
+def _ensure_demo(path: Path, image_size: int) -> Path:
+    if not (path / "train" / "manifest.json").is_file():
+        from data_pipeline.demo import DemoOptions, write_demo
+        from data_pipeline.writer import ShardOptions
+
+        print(f"writing {image_size} x {image_size} demo shards to {path}", file=sys.stderr)
+        # 100 samples a shard: 15 shards, enough for every worker to read its own.
+        write_demo(
+            path, DemoOptions(image_size=image_size), ShardOptions(max_samples_per_shard=100)
+        )
+    return path / "train"
+
+
+def _ensure_tokenizer(shards: Path, path: Path) -> str:
+    if not path.is_file():
+        from data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
+
+        CaptionTokenizer.train(captions_from_shards(str(shards)), vocab_size=1000).save(path)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.benchmark",
+                                     description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="shard folder (default: demo shards built under build/bench-data)")  # fmt: skip
+    parser.add_argument("--image-size", type=int, default=256, help="demo image side")
+    parser.add_argument("--crop", type=int, default=224, help="training image side")
+    parser.add_argument("--load-size", type=int, default=None,
+                        help="side the clip stage's workers produce (default: --image-size)")  # fmt: skip
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=4.0, help="minimum timed seconds per row")
+    parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-data.md"))
+    args = parser.parse_args(argv)
+    work = Path("build/bench-data")
+    work.mkdir(parents=True, exist_ok=True)
+    if args.shards is None:
+        args.shards = _ensure_demo(work / f"demo{args.image_size}", args.image_size)
+    args.load_size = args.load_size or args.image_size
+    tokenizer = _ensure_tokenizer(args.shards, work / "tokenizer.json")
+    torch.set_num_threads(1)  # the main process only counts; the workers do the work
+
+    rates: dict[tuple[str, int], float] = {}
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    for stage in STAGES:
+        for workers in worker_counts:
+            rates[stage, workers] = _measure(stage, workers, args, tokenizer)
+            print(f"  {stage:6s} {workers} workers: {rates[stage, workers]:8.0f} samples/s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    lines = [
+        "| stage | workers | samples/s | vs decode | vs 1 worker |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for (stage, workers), rate in rates.items():
+        vs_decode = "-" if stage in ("read", "decode") else f"{rate / rates['decode', workers]:.2f}"
+        one = rates.get((stage, 1))
+        vs_one = f"{rate / one:.2f}x" if one and workers != 1 else "-"
+        lines.append(f"| {stage} | {workers} | {rate:.0f} | {vs_decode} | {vs_one} |")
+    table = "\n".join(lines)
+    print(table)
+    header = (
+        f"# Input pipeline benchmark\n\n{dt.date.today().isoformat()}, "
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}. "
+        f"Command: `python -m data_pipeline.benchmark {' '.join(argv if argv is not None else sys.argv[1:])}`"
+        f". Shards: {args.shards}, batch {args.batch_size}, crop {args.crop}, clip workers' "
+        f"side {args.load_size}.\n\n"
+    )
+    tmp = args.output.with_suffix(".md.tmp")
+    tmp.write_text(header + table + "\n")
+    tmp.replace(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Captions -> token ids: a byte-level BPE tokenizer trained on the shards' own captions.
+
+CLIP's recipe (lower-cased byte-pair encoding, a fixed context with start and end tokens)
+with the `tokenizers` library; no download is possible at run time, so the vocabulary is
+learnt from the training captions (``megabatch data tokenizer``) and saved as one
+``tokenizer.json`` that ``transformers.PreTrainedTokenizerFast`` can also load.
+
+Every encoded caption is ``<|startoftext|> tokens... <|endoftext|> <pad>...`` of exactly
+``context_length`` ids: too long captions are truncated *before* the end token, so the
+end token, whose final activation is the text feature, is always present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.trainers import BpeTrainer
+
+PAD, SOT, EOT = "<pad>", "<|startoftext|>", "<|endoftext|>"
+SPECIAL_TOKENS = [PAD, SOT, EOT]  # ids 0, 1, 2
+DEFAULT_CONTEXT_LENGTH = 77
+
+
+class CaptionTokenizer:
+    """Encode captions to (B, context_length) int64 ids and a boolean attention mask."""
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int = DEFAULT_CONTEXT_LENGTH):
+        if context_length < 3:
+            raise ValueError(
+                f"context_length must be >= 3 (start, one token, end), got {context_length}"
+            )
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.sot_id = tokenizer.token_to_id(SOT)
+        self.eot_id = tokenizer.token_to_id(EOT)
+        if None in (self.pad_id, self.sot_id, self.eot_id):
+            raise ValueError(f"tokenizer lacks the special tokens {SPECIAL_TOKENS}")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{SOT} $A {EOT}", special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)]
+        )
+        tokenizer.enable_truncation(max_length=context_length)
+        tokenizer.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=PAD)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, L) int64 and mask (B, L) bool, True on real tokens (start and end too)."""
+        encodings = self.tokenizer.encode_batch(list(captions))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
+        return ids.reshape(len(encodings), self.context_length), mask.reshape(ids.shape)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+    def save(self, path: str | Path) -> None:
+        """Atomic: a half-written tokenizer.json never replaces a good one."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        self.tokenizer.save(str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, context_length: int = DEFAULT_CONTEXT_LENGTH):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer file at {path} (build it with `megabatch data tokenizer`)"
+            )
+        return cls(Tokenizer.from_file(str(path)), context_length)
+
+    @classmethod
+    def train(
+        cls,
+        captions: Iterable[str],
+        vocab_size: int = 8192,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        min_frequency: int = 2,
+    ) -> CaptionTokenizer:
+        """Learn a byte-level BPE vocabulary from captions (lower-cased, NFC)."""
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            # Every byte is in the vocabulary, so no caption is ever out of vocabulary.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        seen = 0
+
+        def counted(items):
+            nonlocal seen
+            for caption in items:
+                seen += 1
+                yield caption
+
+        tokenizer.train_from_iterator(counted(captions), trainer=trainer)
+        if seen == 0:
+            raise ValueError("no captions to train the tokenizer on")
+        return cls(tokenizer, context_length)
+
+
+def captions_from_shards(spec) -> Iterable[str]:
+    """Every caption (``txt`` member) of a shard specification, for training."""
+    from collections import Counter
+
+    from data_pipeline.loader import resolve_sources
+    from data_pipeline.shard_stream import RateLimitedWarnings, read_shard
+
+    warn, skipped = RateLimitedWarnings(), Counter()
+    for source in resolve_sources(spec):
+        for url, count in zip(source.urls, source.counts, strict=True):
+            for sample in read_shard(url, warn, skipped, count):
+                text = sample.get("txt")
+                if text:
+                    yield text.decode("utf-8", errors="replace").strip()

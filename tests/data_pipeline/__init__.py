@@ -1,0 +1,1 @@
+"""Tests of data_pipeline: sources, the demo, the shard writer, the inspector, the CLI."""

@@ -1,0 +1,189 @@
+"""The shard reader: exactly-once epochs over ranks x workers, exact resume, bad data."""
+
+import logging
+
+import pytest
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.loader import LoaderConfig, ShardLoader
+from data_pipeline.tokenizer import CaptionTokenizer
+from tests.data_pipeline.fake_shards import captions, write_shards
+
+N = 120
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    CaptionTokenizer.train(captions(N), vocab_size=300, context_length=12).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder, N, per_shard=13)  # 10 shards, the last one short
+    return folder
+
+
+def _config(shards, tokenizer_path, **kw):
+    defaults = dict(shards=shards, task="clip", batch_size=8, num_workers=2, seed=3,
+                    shuffle_block=16, tokenizer=tokenizer_path, context_length=12,
+                    image=__import__("data_pipeline.transforms").transforms.ImageConfig(size=16))  # fmt: skip
+    return LoaderConfig(**{**defaults, **kw})
+
+
+def _keys(batches):
+    return [k.split("#")[1] for b in batches for k in b.keys]
+
+
+@pytest.mark.parametrize("per_shard", [13, 50], ids=["10 shards", "3 shards < 4 slots"])
+def test_each_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path, tokenizer_path, per_shard):
+    write_shards(tmp_path, N, per_shard=per_shard)
+    seen = []
+    for rank in range(2):
+        loader = ShardLoader(_config(tmp_path, tokenizer_path), rank=rank, world_size=2)
+        batches = list(loader)
+        assert all(b.images.shape[1:] == (3, 16, 16) for b in batches)
+        assert all(b.tokens.shape == (len(b), 12) for b in batches)
+        seen += _keys(batches)
+    assert sorted(seen) == [f"{i:09d}" for i in range(N)]
+
+
+def test_epochs_reshuffle_and_still_cover_everything(shards, tokenizer_path):
+    loader = ShardLoader(_config(shards, tokenizer_path, num_workers=0))
+    first, second = _keys(loader), _keys(loader)
+    assert sorted(first) == sorted(second) == [f"{i:09d}" for i in range(N)]
+    assert first != second
+    assert loader.epoch == 2
+
+
+def test_same_seed_same_stream(shards, tokenizer_path):
+    a = list(ShardLoader(_config(shards, tokenizer_path)))
+    b = list(ShardLoader(_config(shards, tokenizer_path)))
+    assert _keys(a) == _keys(b)
+    assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize("num_workers,consumed", [(2, 3), (2, 4), (0, 5), (3, 7)])
+def test_resume_gives_the_batches_of_an_uninterrupted_run(
+    shards, tokenizer_path, num_workers, consumed
+):
+    config = _config(shards, tokenizer_path, num_workers=num_workers)
+    reference = list(ShardLoader(config))
+
+    interrupted = ShardLoader(config)
+    iterator = iter(interrupted)
+    for _ in range(consumed):
+        next(iterator)
+    state = interrupted.state_dict()
+    del iterator
+
+    resumed = ShardLoader(config)
+    resumed.load_state_dict(state)
+    after = list(resumed)[:8]
+    assert len(after) == 8
+    for got, want in zip(after, reference[consumed : consumed + 8], strict=True):
+        assert got.keys == want.keys
+        assert torch.equal(got.images, want.images)
+        assert torch.equal(got.tokens, want.tokens)
+
+
+def test_resume_rejects_a_different_layout(shards, tokenizer_path):
+    state = ShardLoader(_config(shards, tokenizer_path, num_workers=2)).state_dict()
+    other = ShardLoader(_config(shards, tokenizer_path, num_workers=3))
+    with pytest.raises(DataError, match="num_workers"):
+        other.load_state_dict(state)
+
+
+def test_bad_data_is_skipped_counted_and_the_epoch_goes_on(tmp_path, tokenizer_path, caplog):
+    corrupt, no_caption = frozenset({3, 40}), frozenset({7})
+    paths = write_shards(tmp_path, 60, per_shard=10, corrupt=corrupt, no_caption=no_caption)
+    data = paths[2].read_bytes()
+    paths[2].write_bytes(data[: len(data) // 2])  # truncated tar: samples 20..29, part lost
+    paths[4].write_bytes(b"this is not a tar file")  # unreadable: samples 40..49 lost
+    caplog.set_level(logging.WARNING, logger="megabatch.data")
+    loader = ShardLoader(_config(tmp_path, tokenizer_path, num_workers=0))
+    keys = set(_keys(loader))
+    totals = loader.skipped_total
+    assert totals["corrupt_image"] == 1  # sample 40 sits in the unreadable shard
+    assert totals["missing_caption"] == 1
+    assert totals["bad_shard"] == 2
+    good = {f"{i:09d}" for i in range(60) if i not in corrupt | no_caption}
+    assert keys <= good
+    assert {f"{i:09d}" for i in range(60) if i // 10 not in (2, 4)} & good <= keys
+    assert "bad_shard" in caplog.text and "corrupt_image" in caplog.text
+
+
+def test_simclr_needs_no_captions(tmp_path):
+    write_shards(tmp_path, 20, per_shard=5, no_caption=frozenset(range(20)))
+    loader = ShardLoader(LoaderConfig(shards=str(tmp_path), task="simclr", batch_size=6,
+                                      num_workers=0, image=_config(tmp_path, None).image))  # fmt: skip
+    batches = list(loader)
+    assert sum(len(b) for b in batches) == 20
+    assert batches[0].tokens is None and batches[0].images.dtype == torch.uint8
+
+
+def test_brace_pattern_and_list_specs(shards, tokenizer_path):
+    pattern = str(shards / "{00000..00009}.tar")
+    listed = [str(shards / f"{i:05d}.tar") for i in range(10)]
+    for spec in (pattern, listed):
+        keys = _keys(ShardLoader(_config(spec, tokenizer_path, num_workers=0)))
+        assert sorted(keys) == [f"{i:09d}" for i in range(N)]
+
+
+def test_pipe_spec_reads_through_a_command(shards, tokenizer_path):
+    spec = f"pipe:cat {shards}/{{00000..00009}}.tar"
+    keys = _keys(ShardLoader(_config(spec, tokenizer_path, num_workers=0)))
+    assert sorted(keys) == [f"{i:09d}" for i in range(N)]
+
+
+def test_resampled_is_endless_and_weighted(tmp_path, tokenizer_path):
+    a = write_shards(tmp_path / "a", 40, per_shard=10)
+    write_shards(tmp_path / "b", 40, per_shard=10, start=1000)
+    sources = [{"shards": str(tmp_path / "a"), "weight": 3.0},
+               {"shards": str(tmp_path / "b"), "weight": 1.0}]  # fmt: skip
+    loader = ShardLoader(_config(sources, tokenizer_path, num_workers=0, resampled=True))
+    iterator = iter(loader)
+    keys = _keys(next(iterator) for _ in range(100))  # 800 samples from 80
+    from_a = sum(int(k) < 1000 for k in keys)
+    assert len(keys) == 800
+    assert 0.65 < from_a / len(keys) < 0.85  # 3:1 by weight, by shard draws of 10
+    assert a  # the folders exist
+
+
+def test_weighted_sources_in_epoch_mode_see_everything_once(tmp_path, tokenizer_path):
+    write_shards(tmp_path / "a", 30, per_shard=10)
+    write_shards(tmp_path / "b", 20, per_shard=10, start=1000)
+    sources = [{"shards": str(tmp_path / "a"), "weight": 2.0},
+               {"shards": str(tmp_path / "b"), "weight": 1.0}]  # fmt: skip
+    keys = _keys(ShardLoader(_config(sources, tokenizer_path, num_workers=2)))
+    expected = [f"{i:09d}" for i in list(range(30)) + list(range(1000, 1020))]
+    assert sorted(keys) == expected
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [("{missing}/{0..3}.tar", "matches no existing shard"), ("/no/such/folder", "no such")],
+)
+def test_spec_matching_nothing_fails_at_start(spec, message, tokenizer_path):
+    with pytest.raises(DataError, match=message):
+        ShardLoader(_config(spec, tokenizer_path))
+
+
+def test_clip_without_tokenizer_fails_at_start(shards):
+    with pytest.raises(DataError, match="tokenizer"):
+        ShardLoader(LoaderConfig(shards=str(shards), task="clip"))
+
+
+def test_img2dataset_folder_is_read_unchanged(tmp_path, tokenizer_path):
+    # img2dataset writes NNNNN.tar with NNNNN_stats.json and NNNNN.parquet beside each,
+    # and no manifest of ours.
+    write_shards(tmp_path, 30, per_shard=10, manifest=False)
+    for i in range(3):
+        (tmp_path / f"{i:05d}_stats.json").write_text('{"count": 10}')
+        (tmp_path / f"{i:05d}.parquet").write_bytes(b"PAR1 not read")
+    keys = _keys(ShardLoader(_config(tmp_path, tokenizer_path, num_workers=0)))
+    assert sorted(keys) == [f"{i:09d}" for i in range(30)]

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from data_pipeline.tokenizer import CaptionTokenizer
+
+CAPTIONS = [f"a photo of the digit {w}" for w in ["zero", "one", "two", "three"]] * 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CaptionTokenizer.train(CAPTIONS, vocab_size=300, context_length=16)
+
+
+def test_fixed_length_with_start_end_and_padding(tokenizer):
+    ids, mask = tokenizer(["A photo of the digit two", "one"])
+    assert ids.shape == (2, 16) and ids.dtype == torch.long
+    assert mask.shape == (2, 16) and mask.dtype == torch.bool
+    for row, m in zip(ids, mask, strict=True):
+        real = row[m]
+        assert real[0] == tokenizer.sot_id and real[-1] == tokenizer.eot_id
+        assert (row[~m] == tokenizer.pad_id).all()
+    # Lower-cased: the capital letter does not change the encoding.
+    assert torch.equal(ids[0], tokenizer(["a photo of the digit two"])[0][0])
+    assert tokenizer.decode(ids[0]) == "a photo of the digit two"
+
+
+def test_long_captions_keep_the_end_token(tokenizer):
+    ids, mask = tokenizer([" ".join(["digit"] * 100)])
+    assert mask.all()
+    assert ids[0, 0] == tokenizer.sot_id and ids[0, -1] == tokenizer.eot_id
+
+
+def test_unseen_characters_are_encoded_not_dropped(tokenizer):
+    ids, mask = tokenizer(["ß ∑ 🙂"])  # byte-level: every byte is in the vocabulary
+    assert mask.sum() > 2
+
+
+def test_save_load_round_trip(tokenizer, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(path)
+    loaded = CaptionTokenizer.load(path, context_length=16)
+    assert torch.equal(loaded(CAPTIONS[:5])[0], tokenizer(CAPTIONS[:5])[0])
+    assert not (tmp_path / "tokenizer.json.partial").exists()
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="megabatch data tokenizer"):
+        CaptionTokenizer.load(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="no captions"):
+        CaptionTokenizer.train([], vocab_size=300)
+    with pytest.raises(ValueError, match="context_length"):
+        CaptionTokenizer.train(CAPTIONS, vocab_size=300, context_length=2)
