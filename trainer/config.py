@@ -1,0 +1,311 @@
+"""One config system: dataclasses are the schema; YAML files, presets and ``a.b=c``
+command-line overrides are merged onto them, in that order.
+
+    config = load_config("run.yaml", ["optim.lr=3e-4", "batch.micro_batch_size=64"])
+
+A preset is a small YAML delta shipped in ``trainer/presets/NAME.yaml``; a config
+names it with ``preset: NAME`` (the preset applies first, the file's own keys on top).
+Every error a user can make (an unknown key, a wrong type, a value out of range,
+impossible batch arithmetic) is a ``ConfigError`` whose one-line message names the key,
+raised before any process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key."""
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Tower sizes: CLIP tiny, vit-b-32, vit-b-16, vit-l-14; SimCLR resnet50, vit-small."""
+    embed_dim: int | None = None
+    """Width of the shared embedding space (the projections' output); None: the preset's."""
+    image_size: int = 224
+    """Side of the square images the image tower sees."""
+    context_length: int = 77
+    """Tokens per caption, start and end tokens included (CLIP)."""
+
+
+@dataclass
+class DataConfig:
+    train: Any = None
+    """Training shards: a folder, manifest, brace pattern, list, or weighted sources."""
+    val: Any = None
+    """Held-out shards for evaluation (None: no evaluation on held-out data)."""
+    tokenizer: str | None = None
+    """tokenizer.json (CLIP); built by ``megabatch data tokenizer``."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    load_size: int | None = None
+    """Side the workers decode to (None: model.image_size); see data_pipeline.transforms."""
+    shuffle_block: int = 1000
+    resampled: bool = False
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = 64
+    """Samples per forward pass per rank."""
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer step; all of their samples are negatives together."""
+    global_batch_size: int | None = None
+    """If set, must equal micro x accumulation x world size (a check, not a knob)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lamb"] = "adamw"
+    lr: float = 5e-4
+    """Peak learning rate, reached after warm-up."""
+    weight_decay: float = 0.2
+    """Decoupled decay; never applied to norms, biases or the logit scale."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at lr x min_lr_ratio."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0-3."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss_backend: Literal["auto", "triton", "torch"] = "auto"
+    """Fused contrastive loss backend (kernels.clip_loss / ntxent_loss)."""
+
+
+@dataclass
+class LossConfig:
+    init_logit_scale: float = 1 / 0.07
+    """CLIP's initial logit multiplier (the paper's 1 / 0.07)."""
+    max_logit_scale: float = 100.0
+    """CLIP's clamp on the multiplier."""
+    temperature: float = 0.1
+    """SimCLR's tau."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    log_every: int = 10
+    eval_every: int | None = None
+    """Steps between evaluations (None: only at the end)."""
+    checkpoint_every_steps: int | None = 500
+    checkpoint_every_minutes: float | None = 30.0
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in the run directory, if any), ``none``, or a path."""
+    max_nonfinite_steps: int = 5
+    """Consecutive non-finite losses that stop the run."""
+
+
+@dataclass
+class RunConfig:
+    task: Literal["clip", "simclr"] = "clip"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    preset: str | None = None
+    """A preset applied under this config (trainer/presets/NAME.yaml)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def global_batch_size(self, world_size: int) -> int:
+        """The contrastive batch: every sample of it is a negative for every other."""
+        return self.batch.micro_batch_size * self.batch.accumulation_steps * world_size
+
+    def validate(self, world_size: int = 1) -> None:
+        checks = [
+            ("batch.micro_batch_size", self.batch.micro_batch_size >= 1, "must be >= 1"),
+            ("batch.accumulation_steps", self.batch.accumulation_steps >= 1, "must be >= 1"),
+            ("data.num_workers", self.data.num_workers >= 0, "must be >= 0"),
+            ("engine.zero_stage", 0 <= self.engine.zero_stage <= 3, "must be 0, 1, 2 or 3"),
+            ("optim.lr", self.optim.lr > 0, "must be > 0"),
+            ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
+            ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
+            ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("loss.temperature", self.loss.temperature > 0, "must be > 0"),
+            ("loss.init_logit_scale", 0 < self.loss.init_logit_scale <= self.loss.max_logit_scale,
+             "must be in (0, loss.max_logit_scale]"),
+            ("train.max_steps", self.train.max_steps >= 1, "must be >= 1"),
+            ("train.log_every", self.train.log_every >= 1, "must be >= 1"),
+            ("train.max_nonfinite_steps", self.train.max_nonfinite_steps >= 1, "must be >= 1"),
+            ("model.image_size", self.model.image_size >= 8, "must be >= 8"),
+            ("model.context_length", self.model.context_length >= 3, "must be >= 3"),
+        ]  # fmt: skip
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{key} {rule}, got {_lookup(self, key)!r}")
+        wanted = self.batch.global_batch_size
+        if wanted is not None and wanted != self.global_batch_size(world_size):
+            raise ConfigError(
+                f"batch.global_batch_size is {wanted} but micro_batch_size x "
+                f"accumulation_steps x world size = {self.batch.micro_batch_size} x "
+                f"{self.batch.accumulation_steps} x {world_size} = "
+                f"{self.global_batch_size(world_size)}"
+            )
+        if self.task == "clip" and self.data.train is not None and self.data.tokenizer is None:
+            raise ConfigError("data.tokenizer is required for task clip")
+
+
+def _lookup(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------- building
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {path} (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)}, got {value!r}")
+        return tuple(
+            _coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; it is a number to a person.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")  # a schema bug, not a user error
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------- merging
+def _deep_merge(base: dict, delta: dict) -> dict:
+    merged = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``"optim.lr=3e-4"`` -> ``{"optim": {"lr": 0.0003}}``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    data = _read_yaml(Path(path), "config file") if path is not None else {}
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    preset = data.get("preset")
+    if preset is not None:
+        if preset not in available_presets():
+            raise ConfigError(
+                f"preset must be one of {', '.join(available_presets())}, got {preset!r}"
+            )
+        data = _deep_merge(_read_yaml(PRESETS_DIR / f"{preset}.yaml", "preset"), data)
+    return from_dict(RunConfig, data)
+
+
+def dump_config(config: RunConfig, path: str | Path, extra: dict | None = None) -> None:
+    """Write the resolved config (plus e.g. the git revision) as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(yaml.safe_dump({**(extra or {}), **to_dict(config)}, sort_keys=False))
+    tmp.replace(path)
