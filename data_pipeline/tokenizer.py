@@ -20,7 +20,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers.trainers import BpeTrainer
 
 PAD, SOT, EOT = "<pad>", "<|startoftext|>", "<|endoftext|>"
-SPECIAL_TOKENS = [PAD, SOT, EOT]  # ids 0, 1, 2
+# ids 0, 1, 2. The end token must not be id 2: transformers' CLIP text tower reads an
+# eos_token_id of 2 as a legacy config and pools at argmax(input_ids) instead of at the
+# end token.
+SPECIAL_TOKENS = [PAD, EOT, SOT]
 DEFAULT_CONTEXT_LENGTH = 77
 
 

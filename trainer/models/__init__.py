@@ -1,0 +1,1 @@
+"""Encoders and their heads. Model code holds no parallelism: no torch.distributed here."""
