@@ -23,6 +23,7 @@ that follow equal those of a run that never stopped.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -95,6 +96,7 @@ class Batch:
     tokens: torch.Tensor | None  # (B, L) int64, CLIP
     token_mask: torch.Tensor | None  # (B, L) bool, CLIP
     keys: list[str]  # "url#key" of each sample
+    meta: list[dict]  # each sample's .json member, parsed ({} without one): labels etc.
     worker: int  # logical worker that made the batch
     position: int  # raw samples that worker had consumed after this batch
     epoch: int
@@ -201,7 +203,7 @@ class _ShardBatches(IterableDataset):
         side = cfg.image.load_size or cfg.image.size
         in_worker = get_worker_info() is not None
         images = new_image_batch(cfg.batch_size, side, shared=in_worker)
-        captions, keys = [], []
+        captions, keys, meta = [], [], []
         for sample in raw:
             position += 1
             decoded = self._decode(sample, side, warn, skipped)
@@ -210,12 +212,14 @@ class _ShardBatches(IterableDataset):
             images.numpy()[len(keys)] = decoded[0]  # (S, S, 3) into the shared batch
             captions.append(decoded[1])
             keys.append(f"{sample.get('__url__', '')}#{sample['__key__']}")
+            meta.append(_metadata(sample))
             if len(keys) == cfg.batch_size:
-                yield self._collate(images, captions, keys, worker, position, skipped)
+                yield self._collate(images, captions, keys, meta, worker, position, skipped)
                 images = new_image_batch(cfg.batch_size, side, shared=in_worker)
-                captions, keys = [], []
+                captions, keys, meta = [], [], []
         if keys and not cfg.drop_last:
-            yield self._collate(images[: len(keys)], captions, keys, worker, position, skipped)
+            n = len(keys)
+            yield self._collate(images[:n], captions, keys, meta, worker, position, skipped)
 
     def _decode(self, sample, side, warn, skipped):
         where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
@@ -241,13 +245,26 @@ class _ShardBatches(IterableDataset):
             return None
         return image, caption
 
-    def _collate(self, images, captions, keys, worker, position, skipped) -> Batch:
+    def _collate(self, images, captions, keys, meta, worker, position, skipped) -> Batch:
         tokens = mask = None
         if self.config.task == "clip":
             tokens, mask = self.tokenizer(captions)
         counts = {kind: skipped[kind] for kind in SKIP_KINDS}
         skipped.clear()
-        return Batch(as_nchw(images), tokens, mask, keys, worker, position, self.epoch, counts)
+        return Batch(
+            as_nchw(images), tokens, mask, keys, meta, worker, position, self.epoch, counts
+        )
+
+
+def _metadata(sample: dict) -> dict:
+    raw = sample.get("json")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}  # metadata is informational: a bad .json does not cost the sample
+    return value if isinstance(value, dict) else {}
 
 
 # --------------------------------------------------------------------------- main process

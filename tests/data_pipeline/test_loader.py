@@ -51,6 +51,11 @@ def test_each_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path, tokenizer_p
     assert sorted(seen) == [f"{i:09d}" for i in range(N)]
 
 
+def test_batches_carry_each_samples_metadata(shards, tokenizer_path):
+    for batch in ShardLoader(_config(shards, tokenizer_path, num_workers=0)):
+        assert [m["index"] for m in batch.meta] == [int(k) for k in _keys([batch])]
+
+
 def test_epochs_reshuffle_and_still_cover_everything(shards, tokenizer_path):
     loader = ShardLoader(_config(shards, tokenizer_path, num_workers=0))
     first, second = _keys(loader), _keys(loader)
