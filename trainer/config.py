@@ -69,13 +69,16 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "lamb"] = "adamw"
+    name: Literal["adamw", "lamb", "sgd"] = "adamw"
+    """adamw (torch's, decoupled decay), lamb (DeepSpeed's fused LAMB; needs CUDA), sgd."""
     lr: float = 5e-4
     """Peak learning rate, reached after warm-up."""
     weight_decay: float = 0.2
     """Decoupled decay; never applied to norms, biases or the logit scale."""
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    momentum: float = 0.9
+    """SGD only."""
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     """Cosine decay ends at lr x min_lr_ratio."""

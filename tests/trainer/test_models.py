@@ -43,8 +43,9 @@ def test_clip_forward_gives_unit_features_and_initial_scale(tokenizer):
 def test_logit_scale_is_clamped_at_100(tokenizer):
     model = _tiny_clip(tokenizer)
     with torch.no_grad():
-        model.clip.logit_scale.fill_(math.log(500.0))
+        model.log_logit_scale.fill_(math.log(500.0))
     assert model.logit_scale().item() == pytest.approx(100.0)
+    assert model.logit_scale().shape == ()
 
 
 def test_text_feature_is_read_at_the_end_token(tokenizer):
@@ -62,8 +63,12 @@ def test_text_feature_is_read_at_the_end_token(tokenizer):
 
 def test_towers_hand_over_with_save_pretrained(tokenizer, tmp_path):
     model = _tiny_clip(tokenizer)
+    with torch.no_grad():
+        model.log_logit_scale.fill_(math.log(42.0))
+    model.sync_logit_scale()
     model.clip.save_pretrained(tmp_path)
     loaded = HFCLIPModel.from_pretrained(tmp_path).eval()
+    assert loaded.logit_scale.exp().item() == pytest.approx(42.0)
     images = torch.randn(2, 3, 32, 32)
     got = loaded.get_image_features(pixel_values=images).pooler_output
     want = model.clip.get_image_features(pixel_values=images).pooler_output

@@ -95,6 +95,14 @@ class ClipModel(nn.Module):
         super().__init__()
         self.clip = CLIPModel(config)
         self.max_logit_scale = max_logit_scale
+        # transformers keeps log(scale) as a 0-dim Parameter, which DeepSpeed cannot
+        # broadcast (it views every parameter as bytes). Train a (1,) copy instead and
+        # keep the original as a buffer, so save_pretrained still writes it (see
+        # sync_logit_scale).
+        init = self.clip.logit_scale.detach().clone()
+        del self.clip.logit_scale
+        self.clip.register_buffer("logit_scale", init)
+        self.log_logit_scale = nn.Parameter(init.reshape(1))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         out = self.clip.get_image_features(pixel_values=images)  # transformers 5: an output object
@@ -105,7 +113,13 @@ class ClipModel(nn.Module):
         return F.normalize(out.pooler_output, dim=-1)
 
     def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """exp(t) clamped to at most max_logit_scale, 0-dim."""
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale).reshape(())
+
+    @torch.no_grad()
+    def sync_logit_scale(self) -> None:
+        """Copy the trained scale into the towers' own field before save_pretrained."""
+        self.clip.logit_scale.copy_(self.log_logit_scale.reshape(()))
 
     def forward(self, images, tokens, mask):
         return self.encode_image(images), self.encode_text(tokens, mask), self.logit_scale()

@@ -1,0 +1,80 @@
+"""GradCache accumulation keeps every sample a negative: 4 micro-batches of 64 give the
+same parameter update as one batch of 256 (and 2 ranks x 2 x 64 the same again).
+
+DeepSpeed on CPU ranks (gloo), plain SGD without momentum so that the update is the
+gradient itself (Adam's first step is scale-free and would hide a scaling mistake).
+Tolerance: fp32, the same sums in different orders over 256 samples: 1e-5 of the
+largest update entry, plus one rounding of the parameter itself (1.2e-7 of its largest
+entry: the update is read back as after - before), plus 1e-10 for gradients that are
+zero in exact arithmetic (attention key biases) and come out as ~1e-12 noise.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.multiproc import run_ranks
+
+N = 256
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(N, 3, 16, 16, generator=g)
+    tokens = torch.randint(3, 100, (N, 8), generator=g)
+    tokens[:, 0] = 2  # start
+    ends = torch.randint(3, 8, (N,), generator=g)
+    tokens[torch.arange(N), ends] = 1  # end token
+    mask = torch.ones(N, 8, dtype=torch.bool)
+    return images, tokens, mask
+
+
+def _train_one_step(rank, world_size, micro, zero_stage):
+    from kernels import clip_loss
+    from trainer.config import load_config
+    from trainer.engine import build_engine
+    from trainer.models.clip import ClipModel, clip_config
+    from trainer.step import gradcache_step
+
+    accumulation = N // (micro * world_size)
+    config = load_config(None, [
+        f"batch.micro_batch_size={micro}", f"batch.accumulation_steps={accumulation}",
+        "optim.name=sgd", "optim.momentum=0.0", "optim.lr=0.5", "optim.weight_decay=0.0",
+        "optim.warmup_steps=0", "optim.grad_clip=null", f"engine.zero_stage={zero_stage}",
+    ])  # fmt: skip
+    torch.manual_seed(0)
+    model = ClipModel(clip_config("tiny", image_size=16, context_length=8, vocab_size=100,
+                                  pad_id=0, sot_id=2, eot_id=1))  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine, _ = build_engine(model, config)
+
+    images, tokens, mask = _batch()
+    rows = torch.arange(N).view(world_size, accumulation, micro)[rank]  # this rank's rows
+    micro_batches = [(images[r], tokens[r], mask[r]) for r in rows]
+
+    def encode(m, b):
+        return m.encode_image(b[0]), m.encode_text(b[1], b[2])
+
+    def loss_fn(a, b, s):
+        return clip_loss(a, b, s, process_group=dist.group.WORLD, backend="torch")
+
+    result = gradcache_step(engine, micro_batches, encode, loss_fn, lambda m: m.logit_scale(),
+                            world_size)  # fmt: skip
+    after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return result.loss, {n: (after[n] - before[n], before[n].abs().max()) for n in before}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_accumulation_gives_the_update_of_one_big_batch(zero_stage):
+    ((loss_big, update_big),) = run_ranks(_train_one_step, 1, 256, zero_stage, timeout_s=110)
+    ((loss_acc, update_acc),) = run_ranks(_train_one_step, 1, 64, zero_stage, timeout_s=110)
+    ranks = run_ranks(_train_one_step, 2, 64, zero_stage, timeout_s=110)
+    torch.testing.assert_close(loss_acc, loss_big, atol=1e-5, rtol=1e-5)
+    assert update_big["log_logit_scale"][0].abs() > 0  # the scale is trained too
+    for name, (want, param_max) in update_big.items():
+        atol = 1e-5 * want.abs().max().item() + 1.2e-7 * param_max.item() + 1e-10
+        torch.testing.assert_close(update_acc[name][0], want, atol=atol, rtol=1e-4, msg=name)
+        for loss, update in ranks:
+            torch.testing.assert_close(update[name][0], want, atol=atol, rtol=1e-4, msg=name)
+            torch.testing.assert_close(loss, loss_big, atol=1e-5, rtol=1e-5)
