@@ -9,6 +9,7 @@ from importlib import metadata
 
 from data_pipeline.cli import add_data_commands
 from trainer import __version__
+from trainer.commands import add_train_commands
 
 # Distributions reported by `megabatch env`, by their installed (PyPI) names.
 _REPORTED_PACKAGES = (
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     env.set_defaults(func=_cmd_env)
     add_data_commands(commands)
+    add_train_commands(commands)
     return parser
 
 

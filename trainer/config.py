@@ -55,6 +55,12 @@ class DataConfig:
     """Side the workers decode to (None: model.image_size); see data_pipeline.transforms."""
     shuffle_block: int = 1000
     resampled: bool = False
+    classnames: str | None = None
+    """classnames.json for zero-shot evaluation (None: beside the val shards' folder)."""
+    templates: str | None = None
+    """templates.json of prompts like "a photo of the digit {}." (None: beside classnames)."""
+    eval_max_samples: int = 10_000
+    """Samples of each split encoded for evaluation (linear probe and kNN use train's)."""
 
 
 @dataclass
@@ -307,8 +313,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def dump_config(config: RunConfig, path: str | Path, extra: dict | None = None) -> None:
-    """Write the resolved config (plus e.g. the git revision) as YAML, atomically."""
+    """Write the resolved config as YAML, atomically; ``extra`` facts (git revision,
+    world size, ...) go in comment lines on top, so the file loads back as a config."""
     path = Path(path)
+    header = "".join(f"# {key}: {value}\n" for key, value in (extra or {}).items())
+    body = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(yaml.safe_dump({**(extra or {}), **to_dict(config)}, sort_keys=False))
+    tmp.write_text(header + body)
     tmp.replace(path)
+
+
+def _plain(value):
+    """Tuples as lists, so safe_dump writes plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -27,8 +27,9 @@ import torch
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # the global loss, 0-dim, on the device (no host sync here)
-    logit_scale: torch.Tensor
+    loss: torch.Tensor  # the global loss, 0-dim, on the device
+    logit_scale: torch.Tensor | None
+    skipped: bool = False  # the loss was not finite: no update was made
 
 
 def gradcache_step(
@@ -38,10 +39,13 @@ def gradcache_step(
     loss_fn: Callable,
     scale_fn: Callable | None,
     world_size: int,
+    skip_nonfinite: bool = False,
 ) -> StepResult:
     """encode(model, micro_batch) -> (a, b) features of the micro-batch's rows;
     loss_fn(a_all, b_all, scale) -> global loss; scale_fn(model) -> the logit scale with
-    grad (CLIP) or None (a fixed temperature)."""
+    grad (CLIP) or None (a fixed temperature). With skip_nonfinite, a non-finite global
+    loss (the same on every rank) skips the re-runs and the update: the step's one host
+    sync, taken before any backward work is queued."""
     model = engine.module
     accumulation = len(micro_batches)
 
@@ -63,6 +67,10 @@ def gradcache_step(
             scale_leaf = scale_fn(model).detach()
         scale_leaf.requires_grad_()
     loss = loss_fn(a_all, b_all, scale_leaf)
+    if skip_nonfinite and not bool(torch.isfinite(loss)):
+        return StepResult(
+            loss.detach(), scale_leaf.detach() if scale_leaf is not None else None, True
+        )
     leaves = [a_all, b_all] + ([scale_leaf] if scale_leaf is not None else [])
     grads = torch.autograd.grad(loss, leaves)
     grad_a, grad_b = (

@@ -1,7 +1,6 @@
 """The config system: YAML + presets + overrides onto dataclasses; one-line errors."""
 
 import pytest
-import yaml
 
 from trainer.config import (
     ConfigError,
@@ -97,10 +96,8 @@ def test_dump_round_trips(tmp_path):
     config = load_config(None, ["preset=demo-clip", "optim.lr=1e-3"])
     dump_config(config, tmp_path / "config.yaml", extra={"git_revision": "abc123"})
     text = (tmp_path / "config.yaml").read_text()
-    assert text.startswith("git_revision: abc123")
-    data = yaml.safe_load(text)
-    data.pop("git_revision")
-    assert load_config(_write(tmp_path, yaml.safe_dump(data))) == config
+    assert text.startswith("# git_revision: abc123")
+    assert load_config(tmp_path / "config.yaml") == config
 
 
 def test_parse_override_reads_yaml_values():

@@ -34,7 +34,7 @@ class ClipSize:
 
 
 CLIP_PRESETS = {
-    "tiny": ClipSize(128, 128, 4, 4, 8, 128, 4, 4),
+    "tiny": ClipSize(128, 128, 2, 4, 4, 128, 2, 4),
     "vit-b-32": ClipSize(512, 768, 12, 12, 32, 512, 12, 8),
     "vit-b-16": ClipSize(512, 768, 12, 12, 16, 512, 12, 8),
     "vit-l-14": ClipSize(768, 1024, 24, 16, 14, 768, 12, 12),
