@@ -37,7 +37,7 @@ def test_preset_applies_under_the_file(tmp_path):
     assert config.train.max_steps == 7  # the file's key on top
     assert config.model.preset == "tiny"  # from the preset
     assert config.data.tokenizer == "data/digits/tokenizer.json"
-    assert load_config(None, ["preset=demo-clip"]).train.max_steps == 300
+    assert load_config(None, ["preset=demo-clip"]).train.max_steps == 200
 
 
 @pytest.mark.parametrize(

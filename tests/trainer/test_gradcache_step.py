@@ -5,8 +5,9 @@ DeepSpeed on CPU ranks (gloo), plain SGD without momentum so that the update is 
 gradient itself (Adam's first step is scale-free and would hide a scaling mistake).
 Tolerance: fp32, the same sums in different orders over 256 samples: 1e-5 of the
 largest update entry, plus one rounding of the parameter itself (1.2e-7 of its largest
-entry: the update is read back as after - before), plus 1e-10 for gradients that are
-zero in exact arithmetic (attention key biases) and come out as ~1e-12 noise.
+entry: the update is read back as after - before), plus 1e-7 of the largest update in
+the whole model, for gradients that are zero in exact arithmetic (attention key biases)
+and come out as fp32 noise from the other gradients' sums.
 """
 
 import pytest
@@ -72,8 +73,9 @@ def test_accumulation_gives_the_update_of_one_big_batch(zero_stage):
     ranks = run_ranks(_train_one_step, 2, 64, zero_stage, timeout_s=110)
     torch.testing.assert_close(loss_acc, loss_big, atol=1e-5, rtol=1e-5)
     assert update_big["log_logit_scale"][0].abs() > 0  # the scale is trained too
+    model_max = max(update.abs().max().item() for update, _ in update_big.values())
     for name, (want, param_max) in update_big.items():
-        atol = 1e-5 * want.abs().max().item() + 1.2e-7 * param_max.item() + 1e-10
+        atol = 1e-5 * want.abs().max().item() + 1.2e-7 * param_max.item() + 1e-7 * model_max
         torch.testing.assert_close(update_acc[name][0], want, atol=atol, rtol=1e-4, msg=name)
         for loss, update in ranks:
             torch.testing.assert_close(update[name][0], want, atol=atol, rtol=1e-4, msg=name)

@@ -79,7 +79,7 @@ def test_bad_sizes_are_named(tokenizer):
     with pytest.raises(ValueError, match="model.preset must be one of"):
         clip_config("huge", image_size=32, context_length=CONTEXT, vocab_size=300, pad_id=0,
                     sot_id=2, eot_id=1)  # fmt: skip
-    with pytest.raises(ValueError, match="not a multiple of the tiny patch size 8"):
+    with pytest.raises(ValueError, match="not a multiple of the tiny patch size 4"):
         clip_config("tiny", image_size=30, context_length=CONTEXT, vocab_size=300, pad_id=0,
                     sot_id=2, eot_id=1)  # fmt: skip
     with pytest.raises(ValueError, match="for SimCLR"):
