@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format clean bench-kernels bench-data gpu-check
+.PHONY: help install test demo lint format clean bench-kernels bench-data gpu-check
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,6 +27,9 @@ test: $(STAMP) ## Lint, check formatting, then run the test suite (the CI comman
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+demo: $(STAMP) ## The main job on the built-in data: digits shards, tiny CLIP on 2 CPU ranks, evaluation
+	$(BIN)/megabatch demo
 
 lint: $(STAMP) ## Run ruff's linter
 	$(BIN)/ruff check .
