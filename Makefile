@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint format clean bench-kernels bench-data gpu-check
+.PHONY: help install test demo lint format clean bench-kernels bench-data bench-train gpu-check
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,6 +55,11 @@ bench-kernels: $(STAMP) ## CPU kernel benchmark: prints the table, writes docs/b
 
 bench-data: $(STAMP) ## Input pipeline benchmark (demo shards): prints the table, writes docs/benchmarks-data.md
 	$(BIN)/python -m data_pipeline.benchmark
+
+bench-train: $(STAMP) ## One CLIP step at global batch 65,536 on 2 CPU ranks: time and peak memory per rank
+	test -f data/digits/train/manifest.json || $(BIN)/megabatch data write --from demo --out data/digits
+	test -f data/digits/tokenizer.json || $(BIN)/megabatch data tokenizer data/digits/train --out data/digits/tokenizer.json --vocab-size 1000
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=2 -m trainer.bench_train
 
 gpu-check: ## On a CUDA machine: gpu-marked tests, then the GPU benchmark -> docs/benchmarks.md
 	$(GPU_PYTHON) -m pytest -m gpu tests/kernels -p no:cacheprovider -q $(GPU_PYTEST_WORKERS)
