@@ -95,7 +95,7 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage, 0-3."""
+    """DeepSpeed ZeRO stage, 0-2 (3 is refused until the towers are built under zero.Init)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     loss_backend: Literal["auto", "triton", "torch"] = "auto"
     """Fused contrastive loss backend (kernels.clip_loss / ntxent_loss)."""
@@ -150,6 +150,10 @@ class RunConfig:
             ("batch.accumulation_steps", self.batch.accumulation_steps >= 1, "must be >= 1"),
             ("data.num_workers", self.data.num_workers >= 0, "must be >= 0"),
             ("engine.zero_stage", 0 <= self.engine.zero_stage <= 3, "must be 0, 1, 2 or 3"),
+            # Stage 3 partitions parameters, and transformers' CLIP text embeddings read
+            # their (then empty) shapes in forward: it needs zero.Init, not done yet.
+            ("engine.zero_stage", self.engine.zero_stage != 3,
+             "3 is not supported yet (use 0-2; transformers' towers need zero.Init first)"),
             ("optim.lr", self.optim.lr > 0, "must be > 0"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),

@@ -75,6 +75,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         (["batch.global_batch_size=100"], 2, "global_batch_size is 100 but .* = 64 x 1 x 2 = 128"),
         (["batch.accumulation_steps=0"], 1, "batch.accumulation_steps must be >= 1"),
         (["engine.zero_stage=4"], 1, "engine.zero_stage must be 0, 1, 2 or 3"),
+        (["engine.zero_stage=3"], 1, "engine.zero_stage 3 is not supported yet"),
         (["loss.init_logit_scale=200"], 1, "loss.init_logit_scale must be in"),
         (["data.train=x"], 1, "data.tokenizer is required"),
     ],
