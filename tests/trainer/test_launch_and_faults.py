@@ -1,0 +1,77 @@
+"""Launch-environment mapping (srun -> torch variables) and non-finite losses."""
+
+import pytest
+import torch
+
+from tests.multiproc import run_ranks
+from trainer.launch import first_host, slurm_to_torch_env
+
+
+def test_srun_environment_maps_to_torch_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_JOB_NODELIST": "gpu[03-06]", "SLURM_JOB_ID": "123456"}  # fmt: skip
+    mapped = slurm_to_torch_env(env)
+    assert mapped == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8",
+                      "MASTER_ADDR": "gpu03", "MASTER_PORT": str(20000 + 123456 % 20000)}  # fmt: skip
+    assert slurm_to_torch_env({**env, "RANK": "0"}) == {}  # torchrun inside srun: left alone
+    assert slurm_to_torch_env({}) == {}
+
+
+@pytest.mark.parametrize(
+    "nodelist,host",
+    [("node07", "node07"), ("a1,b2", "a1"), ("gpu[03-06,09]", "gpu03"), ("x[7]", "x7")],
+)
+def test_first_host(nodelist, host, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no scontrol here
+    assert first_host(nodelist) == host
+
+
+def _nan_losses(rank, world_size, tmp, k):
+    from trainer.config import load_config
+    from trainer.launch import init_world
+    from trainer.train import NonFiniteLossError, Trainer
+
+    overrides = [
+        f"run_dir={tmp}/run", f"data.train={tmp}/train", f"data.tokenizer={tmp}/tok.json",
+        "data.num_workers=0", "data.load_size=16", "model.image_size=16", "model.context_length=8",
+        "batch.micro_batch_size=8", "train.max_steps=20", "train.log_every=1",
+        "train.checkpoint_every_steps=2", "train.checkpoint_every_minutes=null",
+        f"train.max_nonfinite_steps={k}",
+    ]  # fmt: skip
+    trainer = Trainer(load_config(None, overrides), init_world())
+    real_loss = trainer.task.loss
+    calls = {"n": 0}
+
+    def loss_nan_from_step_3(a, b, scale):
+        calls["n"] += 1
+        loss = real_loss(a, b, scale)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    trainer.task.loss = loss_nan_from_step_3
+    before = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    try:
+        trainer.train()
+    except NonFiniteLossError as exc:
+        message = str(exc)
+    else:
+        message = None
+    after = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    changed = any(not torch.equal(before[n], after[n]) for n in before)
+    return message, trainer.step, changed
+
+
+@pytest.mark.multiproc
+def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
+    from data_pipeline.tokenizer import CaptionTokenizer
+    from tests.data_pipeline.fake_shards import captions, write_shards
+
+    write_shards(tmp_path / "train", 64, per_shard=16)
+    CaptionTokenizer.train(captions(64), vocab_size=300, context_length=8).save(
+        tmp_path / "tok.json"
+    )
+    ((message, step, changed),) = run_ranks(_nan_losses, 1, str(tmp_path), 3, timeout_s=100)
+    assert message is not None and "3 non-finite losses in a row" in message
+    assert step == 5  # 3 good steps, 2 skipped ones; the 3rd non-finite one raised
+    assert changed  # the good steps did update
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step00000002", "step00000004"]  # both of finite parameters
