@@ -226,7 +226,7 @@ def _check_backend_dtype(impl, x: torch.Tensor) -> None:
         )
 
 
-def _check_group(name: str, x: torch.Tensor, process_group, backend: str) -> None:
+def _check_group(name: str, process_group, backend: str) -> None:
     if process_group is not None and backend == "reference":
         raise ValueError(f"{name}: backend='reference' takes no process_group")
     if process_group is not None and not dist.is_initialized():
@@ -257,7 +257,7 @@ def clip_loss(
     _check_features("clip_loss", image_features, text_features)
     scale = _as_scale_tensor("logit_scale", logit_scale, image_features.device)
     impl = _select_backend(backend, image_features.device)
-    _check_group("clip_loss", image_features, process_group, backend)
+    _check_group("clip_loss", process_group, backend)
     _check_backend_dtype(impl, image_features)
     if impl is None:
         from kernels.reference import clip_loss_reference
@@ -291,7 +291,7 @@ def ntxent_loss(
     if not bool((temp.detach() > 0).all()):
         raise ValueError(f"temperature must be > 0, got {float(temp.detach().reshape(()))}")
     impl = _select_backend(backend, z1.device)
-    _check_group("ntxent_loss", z1, process_group, backend)
+    _check_group("ntxent_loss", process_group, backend)
     _check_backend_dtype(impl, z1)
     if impl is None:
         from kernels.reference import ntxent_loss_reference
