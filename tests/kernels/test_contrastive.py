@@ -227,3 +227,11 @@ def test_no_n_by_n_allocation(backend, monkeypatch):
     with LargestAllocation():
         clip_loss(a, b, 10.0, backend="reference").backward()
     assert largest >= n * n
+
+
+def test_process_group_errors():
+    a, b = _features(4, 8)
+    with pytest.raises(ValueError, match="takes no process_group"):
+        clip_loss(a, b, 10.0, process_group=object(), backend="reference")
+    with pytest.raises(ValueError, match="not initialised"):
+        ntxent_loss(a, b, 0.1, process_group=object(), backend="torch")
