@@ -154,3 +154,15 @@ def test_bad_config_is_one_line_before_any_process_group(data, tmp_path, overrid
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
     assert time.monotonic() - start < 30
+
+
+def test_eval_command_reloads_the_newest_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    assert _train(_overrides(data, run)).returncode == 0
+    (run / "results.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "eval", str(run)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step00000006" in proc.stderr
+    assert '"retrieval_i2t_r1"' in proc.stdout
+    assert (run / "results.json").is_file()
