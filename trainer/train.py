@@ -66,7 +66,7 @@ class Trainer:
         self._install_signal_handlers()
         self._batches = self._endless_batches()
         last_save, last_log = time.monotonic(), (time.monotonic(), self.step)
-        wait = 0.0
+        saved_step, wait = self.step if self.step else None, 0.0
         while self.step < cfg.train.max_steps:
             t0 = time.monotonic()
             micro = [self.task.inputs(next(self._batches), self.step, k)
@@ -89,13 +89,14 @@ class Trainer:
             save, stop = self._agree(bool(due), self._signalled)
             if save or stop:
                 self.save()
-                last_save = time.monotonic()
+                last_save, saved_step = time.monotonic(), self.step
             if stop:
                 return {"exit_code": EXIT_REQUEUE}
             last = self.step == cfg.train.max_steps  # the final evaluation follows
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not last:
                 self._evaluate()
-        self.save()
+        if saved_step != self.step:  # the end, unless this very step was just saved
+            self.save()
         results = self._evaluate(final=True)
         if self.world.is_main:
             from trainer.plots import write_plots
