@@ -109,7 +109,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="SPEC",
         help="a folder (its manifest.json, else its *.tar), a manifest file, a brace "
-        "pattern like 'data/{00000..00009}.tar' (quoted), or shard paths",
+        "pattern like 'data/{00000..00009}.tar' (quoted), or a tar path; several SPECs "
+        "are checked as one set",
     )
     inspect.add_argument(
         "--captions",

@@ -66,7 +66,7 @@ class ShardSummary:
 @dataclass
 class InspectReport:
     spec: str
-    manifest: str | None
+    manifests: list[str]
     captions_expected: bool
     shards: list[ShardSummary] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
@@ -111,30 +111,35 @@ class ShardSet:
     paths: list[Path]
     expected_samples: list[int | None]
     """Per shard, the manifest's sample count (None without a manifest)."""
-    manifest: Path | None = None
+    manifests: list[Path] = field(default_factory=list)
     has_captions: bool | None = None
-    """The manifest's word on captions; None without a manifest."""
+    """The manifests' word on captions; None without manifests or if they disagree."""
 
 
 def resolve_shards(spec: ShardSpec) -> ShardSet:
     """Turn a specification into shard paths: a folder (its ``manifest.json``, or else
     every ``*.tar`` in it, sorted), a manifest file, a brace pattern
-    (``data/{00000..00009}.tar``), one tar path, or a list of any of these but folders.
-    A single path that does not exist, or a folder with no shards, raises ``DataError``;
-    shards named by a pattern, list or manifest but missing are reported by the check."""
+    (``data/{00000..00009}.tar``), one tar path, or a list of any of these (their shards
+    in order). A folder, manifest or single path that does not exist, or a folder with no
+    shards, raises ``DataError``; tars named by a pattern, list or manifest but missing
+    are reported by the check."""
     if not isinstance(spec, str | os.PathLike):
         items = [os.fspath(item) for item in spec]
+        if not items:
+            raise DataError("no shards given")
         if len(items) == 1:
             return resolve_shards(items[0])
-        paths = [path for item in items for path in _expand(item)]
-        if not paths:
-            raise DataError("no shards given")
-        return ShardSet(paths, [None] * len(paths))
+        parts = [
+            resolve_shards(item)
+            if os.path.isdir(item) or item.endswith(".json")
+            else _without_counts(_expand(item))
+            for item in items
+        ]
+        return _concat(parts)
 
     text = os.fspath(spec)
     if "{" in text:
-        paths = _expand(text)
-        return ShardSet(paths, [None] * len(paths))
+        return _without_counts(_expand(text))
     path = Path(text)
     if path.is_dir():
         if (path / MANIFEST_NAME).is_file():
@@ -143,12 +148,26 @@ def resolve_shards(spec: ShardSpec) -> ShardSet:
         tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
         if not tars:
             raise DataError(f"no {MANIFEST_NAME} and no .tar files in {path}")
-        return ShardSet(tars, [None] * len(tars))
+        return _without_counts(tars)
     if not path.exists():
         raise DataError(f"no such file or folder: {path}")
     if path.suffix == ".json":
         return _from_manifest(path)
-    return ShardSet([path], [None])
+    return _without_counts([path])
+
+
+def _without_counts(paths: list[Path]) -> ShardSet:
+    return ShardSet(paths, [None] * len(paths))
+
+
+def _concat(parts: list[ShardSet]) -> ShardSet:
+    captions = {part.has_captions for part in parts}
+    return ShardSet(
+        paths=[path for part in parts for path in part.paths],
+        expected_samples=[count for part in parts for count in part.expected_samples],
+        manifests=[manifest for part in parts for manifest in part.manifests],
+        has_captions=captions.pop() if len(captions) == 1 else None,
+    )
 
 
 def _expand(pattern: str) -> list[Path]:
@@ -171,7 +190,7 @@ def _from_manifest(path: Path) -> ShardSet:
     return ShardSet(
         paths=[path.parent / name for name in names],
         expected_samples=counts,
-        manifest=path,
+        manifests=[path],
         has_captions=has_captions if isinstance(has_captions, bool) else None,
     )
 
@@ -314,7 +333,7 @@ def inspect_shards(
         )
     report = InspectReport(
         spec=spec_text(spec),
-        manifest=str(shard_set.manifest) if shard_set.manifest else None,
+        manifests=[str(manifest) for manifest in shard_set.manifests],
         captions_expected=captions,
     )
     for scan in scans:

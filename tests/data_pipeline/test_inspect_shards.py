@@ -38,7 +38,7 @@ def test_clean_img2dataset_output_is_clean(tmp_path):
     report = inspect_shards(folder)
     assert report.ok, report.format()
     assert (report.num_shards, report.total_samples) == (3, 12)
-    assert report.captions_expected and report.manifest is None
+    assert report.captions_expected and report.manifests == []
     assert "3 shards, 12 samples (captions expected): ok" in report.format()
 
 
@@ -69,7 +69,7 @@ def test_our_shards_are_read_through_the_manifest(tmp_path):
         report = inspect_shards(spec)
         assert report.ok, report.format()
         assert (report.num_shards, report.total_samples) == (3, 7)
-        assert report.manifest == str(tmp_path / "out" / "manifest.json")
+        assert report.manifests == [str(tmp_path / "out" / "manifest.json")]
 
     # The manifest's counts are checked, and so are its shards' presence.
     manifest_path = tmp_path / "out" / "manifest.json"
@@ -80,6 +80,23 @@ def test_our_shards_are_read_through_the_manifest(tmp_path):
     report = inspect_shards(tmp_path / "out")
     kinds = [(p.shard.rsplit("/", 1)[-1], p.kind) for p in report.problems]
     assert kinds == [("00000.tar", "sample_count"), ("00002.tar", "missing_shard")]
+
+
+def test_a_list_of_folders_and_patterns_is_their_shards_in_order(tmp_path):
+    for name, n in (("train", 5), ("val", 2)):
+        source = ImageFolderSource(make_caption_folder(tmp_path / f"src_{name}", n))
+        write_shards(source, tmp_path / name, ShardOptions(max_samples_per_shard=2))
+    folder = _img2dataset_folder(tmp_path / "img2dataset")
+    spec = [
+        tmp_path / "train",
+        tmp_path / "val" / "manifest.json",
+        f"{folder}/{{00001..00002}}.tar",
+    ]
+    report = inspect_shards(spec)
+    assert report.ok, report.format()
+    assert (report.num_shards, report.total_samples) == (3 + 1 + 2, 5 + 2 + 8)
+    assert report.manifests == [str(tmp_path / n / "manifest.json") for n in ("train", "val")]
+    assert [s.path.rsplit("/", 1)[-1] for s in report.shards][-2:] == ["00001.tar", "00002.tar"]
 
 
 def test_corrupt_image_missing_members_and_truncated_tar_are_located(tmp_path):
