@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     step_s = time.perf_counter() - t0
 
-    peak = torch.tensor(
-        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.float64
-    )
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.tensor([rss], dtype=torch.float64, device=world.device)  # NCCL: on the GPU
     peaks = [torch.zeros_like(peak) for _ in range(world.world_size)]
     dist.all_gather(peaks, peak)
     if world.is_main:

@@ -23,6 +23,9 @@ _REPORTED_PACKAGES = (
     "pillow",
     "scikit-learn",
     "pyarrow",
+    "transformers",
+    "tokenizers",
+    "kornia",
 )
 # Environment variables that change how the distributed stack behaves.
 _REPORTED_ENV = ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")

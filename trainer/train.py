@@ -131,7 +131,8 @@ class Trainer:
 
     def _agree(self, save: bool, stop: bool) -> tuple[bool, bool]:
         """Every rank must take the same decision (a save is collective): OR over ranks."""
-        flags = torch.tensor([int(save), int(stop)], dtype=torch.int32)
+        # On the rank's device: NCCL reduces only GPU tensors.
+        flags = torch.tensor([int(save), int(stop)], dtype=torch.int32, device=self.world.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
