@@ -48,7 +48,7 @@ clean: ## Remove build and cache artefacts (keeps .venv; rm -rf .venv to start o
 GPU_PYTHON ?= python3
 # Compiling the Triton variants dominates the GPU tests: spread them over 4 workers
 # where pytest-xdist is installed.
-GPU_PYTEST_WORKERS = $(shell $(GPU_PYTHON) -c 'import xdist' 2>/dev/null && echo -n 4)
+GPU_PYTEST_WORKERS = $(shell $(GPU_PYTHON) -c 'import xdist' 2>/dev/null && printf -- '-n 4')
 
 bench-kernels: $(STAMP) ## CPU kernel benchmark: prints the table, writes docs/benchmarks.md
 	$(BIN)/python -m kernels.benchmark --device cpu
