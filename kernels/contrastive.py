@@ -190,7 +190,7 @@ def _check_features(name: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{name}: zero-dimensional features (D == 0)")
 
 
-def _as_scale_tensor(name: str, value, device) -> torch.Tensor:
+def _as_scale_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
@@ -255,7 +255,7 @@ def clip_loss(
     CUDA, torch otherwise).
     """
     _check_features("clip_loss", image_features, text_features)
-    scale = _as_scale_tensor("logit_scale", logit_scale, image_features.device)
+    scale = _as_scale_tensor("logit_scale", logit_scale)
     impl = _select_backend(backend, image_features.device)
     _check_group("clip_loss", process_group, backend)
     _check_backend_dtype(impl, image_features)
@@ -287,7 +287,7 @@ def ntxent_loss(
     process_group and backend: as for clip_loss.
     """
     _check_features("ntxent_loss", z1, z2)
-    temp = _as_scale_tensor("temperature", temperature, z1.device)
+    temp = _as_scale_tensor("temperature", temperature)
     if not bool((temp.detach() > 0).all()):
         raise ValueError(f"temperature must be > 0, got {float(temp.detach().reshape(()))}")
     impl = _select_backend(backend, z1.device)

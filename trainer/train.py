@@ -10,6 +10,7 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -186,7 +187,9 @@ class Trainer:
             if self.sink is not None:
                 self.sink.write(self.step, {f"eval/{k}": v for k, v in results.items()})
             if final:
-                (self.run_dir / "results.json").write_text(_json({"step": self.step, **results}))
+                (self.run_dir / "results.json").write_text(
+                    json.dumps({"step": self.step, **results}, indent=2) + "\n"
+                )
             print_progress("eval: " + "  ".join(f"{k} {v:.3f}" for k, v in results.items()))
         dist.barrier()
         return results
@@ -216,12 +219,6 @@ def _git_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _json(data: dict) -> str:
-    import json
-
-    return json.dumps(data, indent=2, default=float) + "\n"
 
 
 __all__ = ["EXIT_REQUEUE", "NonFiniteLossError", "Trainer"]
