@@ -87,6 +87,16 @@ def _logits_tile_log2(
 
 
 @triton.jit
+def _load_rows(P, idx, n_rows, ks, D, stride):
+    """P[idx, ks] as an (len(idx), len(ks)) tile in P's dtype; out-of-range entries are 0."""
+    return tl.load(
+        P + idx[:, None] * stride + ks[None, :],
+        mask=(idx < n_rows)[:, None] & (ks < D)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _positive_column(rows, row_offset, HALF, MODE: tl.constexpr):
     if MODE == 0:  # CLIP: image i <-> caption i
         pos = rows + row_offset
@@ -99,6 +109,16 @@ def _positive_column(rows, row_offset, HALF, MODE: tl.constexpr):
 # of each would multiply compile time for nothing. Strides (hence D) stay specialised:
 # they decide whether loads are vectorised.
 _DYNAMIC_INTS = ["M", "N", "row_offset", "N_BUCKET"]
+
+# Two ways to feed the tensor cores, chosen per config by BLOCK_K (see _FWD_CONFIGS):
+#   K-chunked    (BLOCK_K < D_PAD): each S tile is a loop over D in BLOCK_K slices of X
+#                 and Y, as in a plain GEMM; any D fits, but X's block is re-read from L2
+#                 for every column tile: BLOCK_M * BLOCK_N / (BLOCK_M + BLOCK_N) FLOP/byte.
+#   whole rows   (BLOCK_K >= D_PAD): the program's X block (BLOCK_M, D_PAD) is loaded once
+#                 and stays on chip; each column tile is one (BLOCK_N, D_PAD) load of Y,
+#                 pipelined across column tiles: BLOCK_M FLOP/byte in the forward, and in
+#                 the backward the same Y tile also feeds W @ Y: 2 BLOCK_M FLOP/byte.
+# D_PAD is D rounded up to a power of two (>= 16, tl.dot's smallest K).
 
 
 @triton.jit(do_not_specialize=_DYNAMIC_INTS)
@@ -118,6 +138,7 @@ def _row_logsumexp_kernel(
     N_BUCKET,  # autotune key only: log2 of N, capped, so a shape class is tuned once
     MODE: tl.constexpr,
     WITH_COL: tl.constexpr,
+    D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -133,9 +154,12 @@ def _row_logsumexp_kernel(
     num_programs = tl.num_programs(0)
     scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
     half = M // 2
+    ks = tl.arange(0, D_PAD)
     for row_block in range(pid, tl.cdiv(M, BLOCK_M), num_programs):
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
+        if BLOCK_K >= D_PAD:  # whole rows: X's block stays on chip for the whole sweep
+            x = _load_rows(X, rows, M, ks, D, stride_x)  # (BLOCK_M, D_PAD)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         # The positive logit is read off the same tiles (same rounding as the lse, and no
@@ -147,22 +171,14 @@ def _row_logsumexp_kernel(
         for col_start in range(0, N, BLOCK_N):
             cols = col_start + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            s = _logits_tile_log2(
-                X,
-                Y,
-                rows,
-                cols,
-                M,
-                N,
-                D,
-                stride_x,
-                stride_y,
-                scale_log2,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                INPUT_PRECISION,
-            )
+            if BLOCK_K >= D_PAD:
+                y = _load_rows(Y, cols, N, ks, D, stride_y)  # (BLOCK_N, D_PAD)
+                s = tl.dot(x, tl.trans(y), input_precision=INPUT_PRECISION) * scale_log2
+            else:
+                s = _logits_tile_log2(
+                    X, Y, rows, cols, M, N, D, stride_x, stride_y, scale_log2,
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+                )  # fmt: skip
             valid = row_ok[:, None] & col_ok[None, :]
             if MODE == 1:  # a view is never its own negative
                 valid = valid & (cols[None, :] != (rows + row_offset)[:, None])
@@ -212,16 +228,18 @@ def _row_gradient_kernel(
     row_offset,
     N_BUCKET,
     MODE: tl.constexpr,
+    D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_DX: tl.constexpr,  # columns of dX owned by this program (a power of two >= D when it fits)
+    BLOCK_DX: tl.constexpr,  # columns of dX owned by this program (D_PAD when it fits)
     INPUT_PRECISION: tl.constexpr,
 ):
     # Program (i, d) owns dX[row block i, d-block d] and keeps it in registers while it
     # walks every column block: recompute the S tile, form W, accumulate W @ Y. No
     # cross-program reduction, so no atomics; dL/dY comes from a second launch with
-    # X and Y (and the two log-sum-exp vectors) swapped.
+    # X and Y (and the two log-sum-exp vectors) swapped. With whole rows (one d-block,
+    # BLOCK_DX == D_PAD) the Y tile that made S is the one W multiplies: one load, two dots.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
@@ -231,29 +249,23 @@ def _row_gradient_kernel(
     lse_row = tl.load(LSE_ROW + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     pos = _positive_column(rows, row_offset, half, MODE)
     dcols = pid_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
-    d_ok = dcols < D
+    if BLOCK_K >= D_PAD:
+        tl.static_assert(BLOCK_DX == D_PAD, "whole rows: one program owns all of dX's row")
+        x = _load_rows(X, rows, M, dcols, D, stride_x)  # (BLOCK_M, D_PAD), on chip throughout
 
     acc = tl.zeros((BLOCK_M, BLOCK_DX), dtype=tl.float32)
     gs = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        s = _logits_tile_log2(
-            X,
-            Y,
-            rows,
-            cols,
-            M,
-            N,
-            D,
-            stride_x,
-            stride_y,
-            scale_log2,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            INPUT_PRECISION,
-        )
+        y = _load_rows(Y, cols, N, dcols, D, stride_y)  # (BLOCK_N, BLOCK_DX)
+        if BLOCK_K >= D_PAD:
+            s = tl.dot(x, tl.trans(y), input_precision=INPUT_PRECISION) * scale_log2
+        else:
+            s = _logits_tile_log2(
+                X, Y, rows, cols, M, N, D, stride_x, stride_y, scale_log2,
+                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+            )  # fmt: skip
         lse_col = tl.load(LSE_COL + cols, mask=col_ok, other=0.0) * 1.4426950408889634
         # P_row + P_col, both <= 1, so no overflow for any scale.
         w = tl.exp2(s - lse_row[:, None]) + tl.exp2(s - lse_col[None, :])
@@ -263,11 +275,6 @@ def _row_gradient_kernel(
             valid = valid & (cols[None, :] != (rows + row_offset)[:, None])
         w = tl.where(valid, w, 0.0)
         gs += tl.sum(w * s, axis=1)
-        y = tl.load(
-            Y + cols[:, None] * stride_y + dcols[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_DX)
         # W in [-2, 2] is cast to the input dtype for the tensor cores (as attention
         # casts P before P @ V); the 1 / (2N) factor is applied after, in fp32.
         acc = tl.dot(w.to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
@@ -275,43 +282,97 @@ def _row_gradient_kernel(
     tl.store(
         DX + rows[:, None] * stride_dx + dcols[None, :],
         out.to(DX.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=row_ok[:, None] & (dcols < D)[None, :],
     )
     if pid_d == 0:
         tl.store(GS + rows, gs * 0.6931471805599453, mask=row_ok)
 
 
 # --------------------------------------------------------------------------- tuning
-# Candidates chosen for D = 256..1024 on Hopper: the forward is a GEMM with a softmax
-# epilogue; the backward keeps a (BLOCK_M, BLOCK_DX) fp32 accumulator in registers,
-# so its BLOCK_M stays at 64 for D = 512. The autotuner skips configs that run out
-# of registers or shared memory.
+# Candidates for D = 256..1024 on Hopper (H200: 132 SMs, 227 KB of shared memory per
+# block, 64K 32-bit registers per SM). What bounds them, for bf16 and D_PAD = 512:
+#   forward, K-chunked: (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes per pipeline stage;
+#   forward, whole rows: X's block, BLOCK_M * 1 KB, plus BLOCK_N * 1 KB per stage;
+#   backward: the (BLOCK_M, BLOCK_DX) fp32 accumulator lives in registers, so BLOCK_M
+#   stays at 64 (128 KB of registers over 8 warps); whole rows add X's block (64 KB)
+#   and a (BLOCK_N, 512) Y tile per stage.
+# Configs that do not fit are dropped before timing (_prune); the autotuner times the
+# rest on the first call of each shape class and keeps the fastest.
+WHOLE_ROWS = 1 << 30  # BLOCK_K meaning "all of D at once"
+
+
+def _config(block_m, block_n, block_k, warps, stages):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    # K-chunked
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 128, 128, 8, 3),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 64, 64, 4, 3),
+    # whole rows
+    _config(64, 64, WHOLE_ROWS, 4, 2),
+    _config(64, 32, WHOLE_ROWS, 4, 3),
+    _config(128, 32, WHOLE_ROWS, 8, 2),
+    _config(128, 64, WHOLE_ROWS, 8, 1),
 ]
 _BWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    # K-chunked
+    _config(64, 64, 64, 8, 2),
+    _config(64, 64, 128, 8, 3),
+    _config(64, 128, 64, 8, 2),
+    # whole rows
+    _config(64, 64, WHOLE_ROWS, 8, 2),
+    _config(64, 32, WHOLE_ROWS, 8, 3),
+    _config(64, 32, WHOLE_ROWS, 8, 2),
 ]
+_WHOLE_ROWS_MAX_BYTES = 1024  # the whole-rows configs above are sized for 512 bf16 columns
 _MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS)
 # Interpreter (CPU) blocks: each interpreted op costs about the same whatever its size,
-# so large blocks run the tests several times faster (128 vs 64: 4x).
+# so large blocks run the tests several times faster (128 vs 64: 4x). Tests switch
+# BLOCK_K to WHOLE_ROWS to run the other loading scheme.
 _INTERPRET_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
 _MAX_BLOCK_DX = 512  # fp32 accumulator columns per program in the backward
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs worth compiling and timing for this call's dtype and D.
+
+    Whole-rows configs only where a padded row fits what they were sized for. IEEE fp32
+    (fp32 inputs with TF32 off) runs on the CUDA cores, not the tensor cores, at a few
+    percent of the bf16 rate: the block shapes above were chosen for the tensor cores,
+    and timing them all there took minutes (on an H200, two gpu tests at N = 16,384
+    passed their 120 s limit), so that path gets the smallest K-chunked config alone.
+    """
+    element_size = named_args["X"].element_size()
+    if element_size == 4 and kwargs["INPUT_PRECISION"] == "ieee":
+        chunked = [c for c in configs if c.kwargs["BLOCK_K"] != WHOLE_ROWS]
+        return [min(chunked, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    fits = kwargs["D_PAD"] * element_size <= _WHOLE_ROWS_MAX_BYTES
+    return [c for c in configs if fits or c.kwargs["BLOCK_K"] != WHOLE_ROWS]
+
 
 # One launch at N = 65,536 takes milliseconds: 20 ms of timing per config is plenty.
 _quick_bench = functools.partial(do_bench, warmup=5, rep=20)
 
 _row_logsumexp_tuned = triton.autotune(
     _FWD_CONFIGS,
-    key=["D", "N_BUCKET", "MODE", "WITH_COL"],
+    key=["D", "N_BUCKET", "MODE", "WITH_COL", "INPUT_PRECISION"],  # + every tensor's dtype
+    prune_configs_by={"early_config_prune": _prune},
     restore_value=["COL_PART"],
     do_bench=_quick_bench,
 )(_row_logsumexp_kernel)
 _row_gradient_tuned = triton.autotune(
-    _BWD_CONFIGS, key=["D", "N_BUCKET", "MODE"], do_bench=_quick_bench
+    _BWD_CONFIGS,
+    key=["D", "N_BUCKET", "MODE", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_quick_bench,
 )(_row_gradient_kernel)
 
 
@@ -319,6 +380,10 @@ def _n_bucket(n: int) -> int:
     # Shapes of the same order tune alike; capping at 2^16 means a 1M-row batch reuses
     # the 65,536 choice instead of timing several configs for seconds each.
     return min(max(n - 1, 1).bit_length(), 16)
+
+
+def _d_pad(d: int) -> int:
+    return max(triton.next_power_of_2(d), 16)  # 16: tl.dot's smallest K
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -397,6 +462,7 @@ def row_logsumexp(
         _n_bucket(n),
         MODE=mode,
         WITH_COL=with_col,
+        D_PAD=_d_pad(d),
         INPUT_PRECISION=_input_precision(x.dtype),
         **blocks,
     )
@@ -423,7 +489,7 @@ def row_gradient(
     n = y.shape[0]
     dx = torch.empty_like(x)
     gs = torch.empty(m, device=x.device, dtype=torch.float32)
-    block_dx = min(max(triton.next_power_of_2(d), 16), _MAX_BLOCK_DX)
+    block_dx = min(_d_pad(d), _MAX_BLOCK_DX)
     blocks = _INTERPRET_BLOCKS if INTERPRETED else {}
 
     def grid(meta):
@@ -448,6 +514,7 @@ def row_gradient(
         row_offset,
         _n_bucket(n),
         MODE=mode,
+        D_PAD=_d_pad(d),
         BLOCK_DX=block_dx,
         INPUT_PRECISION=_input_precision(x.dtype),
         **blocks,

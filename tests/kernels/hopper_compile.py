@@ -64,7 +64,7 @@ def _ptxas_report(ptx: str) -> dict:
 
 def main() -> None:
     bf16 = "*bf16"
-    common = {"D": D, "stride_x": D, "stride_y": D, "INPUT_PRECISION": "ieee"}
+    common = {"D": D, "D_PAD": D, "stride_x": D, "stride_y": D, "INPUT_PRECISION": "ieee"}
     fwd_pointers = {"X": bf16, "Y": bf16, "SCALE": "*fp32", "LSE_ROW": "*fp32",
                     "POSITIVE": "*fp32", "COL_PART": "*fp32"}  # fmt: skip
     bwd_pointers = {"X": bf16, "Y": bf16, "SCALE": "*fp32", "OUT_MULT": "*fp32",

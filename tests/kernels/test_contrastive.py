@@ -94,6 +94,59 @@ def test_torch_backend_small_odd_tiles(loss_name, monkeypatch):
     _assert_matches(got, want, _multiplier(loss_name, s))
 
 
+@pytest.mark.parametrize("block_k", ["whole rows", 16])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_triton_both_loading_schemes(loss_name, block_k, monkeypatch):
+    # The sweep above runs whole rows for D <= 128 and K-chunks for D = 256 (interpreter
+    # BLOCK_K = 128); here each scheme runs where the sweep runs the other, with row and
+    # column blocks that split N = 100 into ragged tiles.
+    from kernels import _contrastive_triton as K
+
+    blocks = {"BLOCK_M": 32, "BLOCK_N": 64}
+    blocks["BLOCK_K"] = K.WHOLE_ROWS if block_k == "whole rows" else block_k
+    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", blocks)
+    d = 256 if block_k == "whole rows" else 40
+    fn, ref, s = LOSSES[loss_name]
+    a, b = _features(100, d, seed=7)
+    got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="triton")
+    want = _loss_and_grads(ref, a, b, torch.tensor(s))
+    _assert_matches(got, want, _multiplier(loss_name, s))
+
+
+@pytest.mark.parametrize(
+    "dtype,d_pad,whole_rows_kept",
+    [(torch.bfloat16, 512, True), (torch.float32, 256, True), (torch.float32, 512, False),
+     (torch.bfloat16, 1024, False)],
+)  # fmt: skip
+def test_autotune_keeps_whole_rows_only_where_they_fit(dtype, d_pad, whole_rows_kept):
+    # Whole-rows configs hold X's block and a Y tile per stage in shared memory: sized for
+    # rows of 1 KB. Beyond that they cannot launch, so they must not even be compiled.
+    from kernels import _contrastive_triton as K
+
+    x = {"X": torch.empty(0, dtype=dtype)}
+    kept = K._prune(K._BWD_CONFIGS, x, D_PAD=d_pad, INPUT_PRECISION="tf32")
+    whole = [c for c in kept if c.kwargs["BLOCK_K"] == K.WHOLE_ROWS]
+    assert bool(whole) == whole_rows_kept
+    chunked = [c for c in K._BWD_CONFIGS if c.kwargs["BLOCK_K"] != K.WHOLE_ROWS]
+    assert len(kept) - len(whole) == len(chunked)
+
+
+@pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_CONFIGS"])
+def test_autotune_times_nothing_for_ieee_fp32(configs):
+    # The CUDA-core path: one config, so no timing runs (tensor-core shapes are moot there).
+    from kernels import _contrastive_triton as K
+
+    candidates = getattr(K, configs)
+    fp32 = {"X": torch.empty(0, dtype=torch.float32)}
+    kept = K._prune(candidates, fp32, D_PAD=256, INPUT_PRECISION="ieee")
+    assert len(kept) == 1 and kept[0].kwargs["BLOCK_K"] != K.WHOLE_ROWS
+    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
+    assert len(K._prune(candidates, bf16, D_PAD=256, INPUT_PRECISION="ieee")) == len(candidates)
+    # fp32 with TF32 on and off are two shapes classes: neither reuses the other's choice.
+    tuned = K._row_logsumexp_tuned if configs == "_FWD_CONFIGS" else K._row_gradient_tuned
+    assert "INPUT_PRECISION" in tuned.keys
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_half_precision_inputs_torch_backend(loss_name, dtype):
