@@ -6,12 +6,19 @@ Stages, each an endless stream over the demo's training shards in DataLoader wor
 processes (one DataLoader per row, so worker start-up is not timed), measured for at
 least --seconds after a warm-up:
 - read:         tar bytes to raw samples (no image work)
-- decode:       + PIL decode of every image to RGB, full size
-- clip:         the training pipeline: decode, centre square, tokenize, batch; images
-                stay at the shards' side (--load-size) and the device resizes them
+- decode:       + the loader's decoding of every image to RGB at --load-size, nothing
+                kept: PIL to an RGB image (``transforms.decode_image``), or simplejpeg
+                into a scratch array where the loader would use it (``--decoder``)
+- clip:         the training pipeline: decode into the batch, tokenize, metadata, and
+                hand the batch to the main process; images stay at the shards' side
+                (--load-size) and the device resizes them
 - clip-resize:  the same with the workers resizing to --crop (PIL, antialiased bilinear)
 - simclr:       decode and centre square in the workers, then the two kornia views in
                 the main process (on the CPU here; on the training device in a real run)
+The read and decode stages hand the main process one count per batch; clip and simclr
+hand it whole batches (images in shared memory, tokens, keys, metadata). Every row is
+measured --repeat times, in rounds over all rows (so a burst of other load on the
+machine hits every stage alike), and the table gives each row's median and its runs.
 Prints a table and writes docs/benchmarks-data.md. Targets: clip at least 85% of decode
 per worker, and 2 workers at least 1.7x one worker.
 """
@@ -20,23 +27,23 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import os
 import platform
+import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.loader import LoaderConfig, ShardLoader, resolve_sources
 from data_pipeline.shard_format import IMAGE_EXTENSIONS
 from data_pipeline.shard_plan import Slot, epoch_share
 from data_pipeline.shard_stream import RateLimitedWarnings, source_samples
-from data_pipeline.transforms import ImageConfig
+from data_pipeline.transforms import DECODERS, ImageConfig, decode_image, jpeg_into, simplejpeg
 
 STAGES = ("read", "decode", "clip", "clip-resize", "simclr")
 
@@ -44,9 +51,9 @@ STAGES = ("read", "decode", "clip", "clip-resize", "simclr")
 class _RawStage(IterableDataset):
     """read / decode stages: this worker's share of the shards, counted per chunk."""
 
-    def __init__(self, spec, decode: bool, chunk: int):
+    def __init__(self, spec, decode: bool, chunk: int, image: ImageConfig | None = None):
         super().__init__()
-        self.spec, self.decode, self.chunk = spec, decode, chunk
+        self.spec, self.decode, self.chunk, self.image = spec, decode, chunk, image
 
     def __iter__(self):
         info = get_worker_info()
@@ -62,11 +69,13 @@ class _RawStage(IterableDataset):
         samples = source_samples(source, share.shards, share.stride, share.offset, 0,
                                  RateLimitedWarnings(), Counter())  # fmt: skip
         n = 0
+        side = (self.image.load_size or self.image.size) if self.decode else 0
+        scratch = np.empty((side, side, 3), dtype=np.uint8)
         for sample in samples:
-            if self.decode:
-                ext = next(e for e in sample if e in IMAGE_EXTENSIONS)
-                with Image.open(io.BytesIO(sample[ext])) as img:
-                    img.convert("RGB")
+            if self.decode:  # what the loader's decode_into does, less writing the batch
+                data = sample[next(e for e in sample if e in IMAGE_EXTENSIONS)]
+                if self.image.decoder == "pil" or not jpeg_into(data, scratch):
+                    decode_image(data, side)
             n += 1
             if n == self.chunk:
                 yield n
@@ -91,14 +100,14 @@ def _rate(batches, min_seconds: float, size=lambda b: b) -> float:
 
 
 def _measure(stage: str, workers: int, args, tokenizer: str) -> float:
-    if stage in ("read", "decode"):
-        dataset = _RawStage(str(args.shards), decode=stage == "decode", chunk=args.batch_size)
-        return _rate(iter(DataLoader(dataset, batch_size=None, num_workers=workers)), args.seconds)
     load_size = args.crop if stage == "clip-resize" else args.load_size
+    image = ImageConfig(size=args.crop, load_size=load_size, decoder=args.decoder)
+    if stage in ("read", "decode"):
+        dataset = _RawStage(str(args.shards), stage == "decode", args.batch_size, image)
+        return _rate(iter(DataLoader(dataset, batch_size=None, num_workers=workers)), args.seconds)
     config = LoaderConfig(shards=str(args.shards), task=stage.split("-")[0],
                           batch_size=args.batch_size, num_workers=workers, resampled=True,
-                          image=ImageConfig(size=args.crop, load_size=load_size),
-                          tokenizer=tokenizer, pin_memory=False)  # fmt: skip
+                          image=image, tokenizer=tokenizer, pin_memory=False)  # fmt: skip
     batches = iter(ShardLoader(config))
     if stage != "simclr":
         return _rate(batches, args.seconds, len)
@@ -145,10 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-size", type=int, default=None,
                         help="side the clip stage's workers produce (default: --image-size)")  # fmt: skip
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated, of {', '.join(STAGES)}")  # fmt: skip
+    parser.add_argument("--decoder", choices=DECODERS, default="auto",
+                        help="JPEG decoder (ImageConfig.decoder; auto: simplejpeg if installed)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=4.0, help="minimum timed seconds per row")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over all rows (median)")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-data.md"))
     args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"unknown stages {', '.join(sorted(unknown))}")
+    if args.decoder == "simplejpeg" and simplejpeg is None:
+        parser.error("--decoder simplejpeg: simplejpeg is not installed")
+    decoder = "simplejpeg" if args.decoder != "pil" and simplejpeg is not None else "PIL"
     work = Path("build/bench-data")
     work.mkdir(parents=True, exist_ok=True)
     if args.shards is None:
@@ -157,23 +177,28 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = _ensure_tokenizer(args.shards, work / "tokenizer.json")
     torch.set_num_threads(1)  # the main process only counts; the workers do the work
 
-    rates: dict[tuple[str, int], float] = {}
+    runs: dict[tuple[str, int], list[float]] = {}
     worker_counts = [int(w) for w in args.workers.split(",")]
-    for stage in STAGES:
-        for workers in worker_counts:
-            rates[stage, workers] = _measure(stage, workers, args, tokenizer)
-            print(f"  {stage:6s} {workers} workers: {rates[stage, workers]:8.0f} samples/s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+    for round_ in range(max(1, args.repeat)):
+        for stage in stages:
+            for workers in worker_counts:
+                rate = _measure(stage, workers, args, tokenizer)
+                runs.setdefault((stage, workers), []).append(rate)
+                print(f"  round {round_ + 1}: {stage:6s} {workers} workers: {rate:8.0f} "
+                      f"samples/s", file=sys.stderr, flush=True)  # fmt: skip
+    rates = {row: statistics.median(values) for row, values in runs.items()}
 
     lines = [
-        "| stage | workers | samples/s | vs decode | vs 1 worker |",
-        "|---|---:|---:|---:|---:|",
+        "| stage | workers | samples/s (median) | vs decode | vs 1 worker | runs |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for (stage, workers), rate in rates.items():
-        vs_decode = "-" if stage in ("read", "decode") else f"{rate / rates['decode', workers]:.2f}"
+        decode = rates.get(("decode", workers))
+        vs_decode = f"{rate / decode:.2f}" if decode and stage not in ("read", "decode") else "-"
         one = rates.get((stage, 1))
         vs_one = f"{rate / one:.2f}x" if one and workers != 1 else "-"
-        lines.append(f"| {stage} | {workers} | {rate:.0f} | {vs_decode} | {vs_one} |")
+        each = ", ".join(f"{r:.0f}" for r in runs[stage, workers])
+        lines.append(f"| {stage} | {workers} | {rate:.0f} | {vs_decode} | {vs_one} | {each} |")
     table = "\n".join(lines)
     print(table)
     header = (
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}. "
         f"Command: `python -m data_pipeline.benchmark {' '.join(argv if argv is not None else sys.argv[1:])}`"
         f". Shards: {args.shards}, batch {args.batch_size}, crop {args.crop}, clip workers' "
-        f"side {args.load_size}.\n\n"
+        f"side {args.load_size}, JPEG decoder {decoder}.\n\n"
     )
     tmp = args.output.with_suffix(".md.tmp")
     tmp.write_text(header + table + "\n")

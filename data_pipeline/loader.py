@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.batch_buffers import BatchLayout, BatchPools, batch_pools
 from data_pipeline.errors import DataError
 from data_pipeline.inspect_shards import resolve_shards
 from data_pipeline.shard_format import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
@@ -46,13 +47,7 @@ from data_pipeline.shard_stream import (
     read_shard,
     source_samples,
 )
-from data_pipeline.transforms import (
-    CorruptImage,
-    ImageConfig,
-    as_nchw,
-    decode_resize_crop,
-    new_image_batch,
-)
+from data_pipeline.transforms import CorruptImage, ImageConfig, as_nchw, check_decoder, decode_into
 
 # Workers are forked after the tokenizer may have run its Rust thread pool in this
 # process; the library then disables its parallelism with a warning. Say so up front:
@@ -61,6 +56,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TASKS = ("clip", "simclr")
 SKIP_KINDS = ("corrupt_image", "missing_image", "missing_caption", "bad_shard")
+# Batch buffers each worker keeps for reuse (data_pipeline.batch_buffers) beyond its
+# prefetched batches: the batch the consumer holds, the one it held before, the
+# pin-memory thread's, and the one being filled.
+POOL_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,10 @@ class LoaderConfig:
 
 @dataclass
 class Batch:
+    """One worker's batch. ``images``, ``tokens`` and ``token_mask`` are views of one
+    buffer that the worker reuses once all three are freed: ``clone()`` what you keep
+    beyond the step (``torch.save`` of a view writes the whole buffer)."""
+
     images: torch.Tensor  # (B, 3, S, S) uint8, channels-last memory
     tokens: torch.Tensor | None  # (B, L) int64, CLIP
     token_mask: torch.Tensor | None  # (B, L) bool, CLIP
@@ -101,6 +104,8 @@ class Batch:
     position: int  # raw samples that worker had consumed after this batch
     epoch: int
     skipped: dict[str, int]  # samples/shards that worker skipped since its previous batch
+    lease: tuple[int, int, int] | None = None  # (pools token, DataLoader worker, index) of
+    # the buffer holding the tensors, returned to its pool once they are freed
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -117,6 +122,31 @@ class Batch:
 
     def to(self, device, non_blocking: bool = True) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def __reduce_ex__(self, protocol):
+        # From a DataLoader worker to the main process, a batch in a pooled buffer travels
+        # as the buffer's number: the main process has that memory mapped already.
+        if self.lease is not None and get_worker_info() is not None:
+            pools = batch_pools(self.lease[0])
+            if pools is not None:
+                values = {f.name: getattr(self, f.name) for f in fields(self)}
+                for name in ("images", "tokens", "token_mask"):
+                    del values[name]
+                return _pooled_batch, (len(self), values)
+        return super().__reduce_ex__(protocol)
+
+
+def _pooled_batch(n: int, values: dict) -> Batch:
+    """A pooled batch arriving in the main process: views of its buffer's memory, over a
+    storage of their own."""
+    token, worker, index = values["lease"]
+    pools = batch_pools(token)
+    if pools is None:
+        raise DataError("a batch arrived after its loader's epoch had ended")
+    views = pools.views(worker, index)
+    tokens = None if views.tokens is None else views.tokens[:n]
+    mask = None if views.mask is None else views.mask[:n]
+    return Batch(as_nchw(views.images[:n]), tokens, mask, **values)
 
 
 # --------------------------------------------------------------------------- sources
@@ -152,11 +182,13 @@ def _resolve_one(spec, weight: float) -> Source:
 class _ShardBatches(IterableDataset):
     """What one DataLoader worker runs: its slot's batches for one epoch."""
 
-    def __init__(self, config, sources, rank, world_size, epoch, positions, rotation, tokenizer):
+    def __init__(self, config, sources, rank, world_size, epoch, positions, rotation, tokenizer,
+                 pools):  # fmt: skip
         super().__init__()
         self.config, self.sources, self.tokenizer = config, sources, tokenizer
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.positions, self.rotation = positions, rotation
+        self.pools = pools  # BatchPools: every worker's reusable batch buffers
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -166,7 +198,7 @@ class _ShardBatches(IterableDataset):
         position = self.positions[worker]
         warn, skipped = RateLimitedWarnings(), Counter()
         raw = self._raw_samples(slot, position, warn, skipped)
-        yield from self._batches(raw, worker, position, warn, skipped)
+        yield from self._batches(raw, worker, position, warn, skipped, info.id if info else 0)
 
     def _raw_samples(self, slot, position, warn, skipped) -> Iterator[dict]:
         cfg, block = self.config, max(1, self.config.shuffle_block)
@@ -198,62 +230,80 @@ class _ShardBatches(IterableDataset):
             src = self.sources[source]
             yield from read_shard(src.urls[shard], warn, skipped, src.counts[shard])
 
-    def _batches(self, raw, worker, position, warn, skipped) -> Iterator[Batch]:
-        cfg = self.config
-        side = cfg.image.load_size or cfg.image.size
-        in_worker = get_worker_info() is not None
-        images = new_image_batch(cfg.batch_size, side, shared=in_worker)
+    def _batches(self, raw, worker, position, warn, skipped, row) -> Iterator[Batch]:
+        cfg, pools = self.config, self.pools
+        clip = cfg.task == "clip"
+        index, buffer = pools.take(row)
+        slots = pools.layout.views(buffer).images.numpy()  # decode writes in place
         captions, keys, meta = [], [], []
         for sample in raw:
             position += 1
-            decoded = self._decode(sample, side, warn, skipped)
-            if decoded is None:
+            caption = self._decode_into(sample, slots[len(keys)], clip, warn, skipped)
+            if caption is None:
                 continue
-            images.numpy()[len(keys)] = decoded[0]  # (S, S, 3) into the shared batch
-            captions.append(decoded[1])
+            captions.append(caption)
             keys.append(f"{sample.get('__url__', '')}#{sample['__key__']}")
             meta.append(_metadata(sample))
             if len(keys) == cfg.batch_size:
-                yield self._collate(images, captions, keys, meta, worker, position, skipped)
-                images = new_image_batch(cfg.batch_size, side, shared=in_worker)
+                yield self._collate(row, index, buffer, captions, keys, meta, worker, position,
+                                    skipped)  # fmt: skip
+                index, buffer = pools.take(row)
+                slots = pools.layout.views(buffer).images.numpy()
                 captions, keys, meta = [], [], []
         if keys and not cfg.drop_last:
-            n = len(keys)
-            yield self._collate(images[:n], captions, keys, meta, worker, position, skipped)
+            yield self._collate(row, index, buffer, captions, keys, meta, worker, position,
+                                skipped)  # fmt: skip
 
-    def _decode(self, sample, side, warn, skipped):
-        where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
+    def _decode_into(self, sample, slot, clip, warn, skipped) -> str | None:
+        """Decode the sample's image into ``slot``; its caption ("" for SimCLR), or None
+        when the sample is skipped (counted and warned)."""
         image_ext = next((e for e in sample if e in IMAGE_EXTENSIONS), None)
         if image_ext is None:
             skipped["missing_image"] += 1
-            warn("missing_image", f"{where}: no image member, sample skipped")
+            warn("missing_image", f"{_where(sample)}: no image member, sample skipped")
             return None
-        caption = None
-        if self.config.task == "clip":
+        caption = ""
+        if clip:
             caption_ext = next((e for e in sample if e in CAPTION_EXTENSIONS), None)
             raw_caption = sample[caption_ext] if caption_ext else b""
             caption = raw_caption.decode("utf-8", errors="replace").strip()
             if not caption:
                 skipped["missing_caption"] += 1
-                warn("missing_caption", f"{where}: no caption, sample skipped")
+                warn("missing_caption", f"{_where(sample)}: no caption, sample skipped")
                 return None
         try:
-            image = decode_resize_crop(sample[image_ext], side)
+            decode_into(sample[image_ext], slot, self.config.image.decoder)
         except CorruptImage as exc:
             skipped["corrupt_image"] += 1
-            warn("corrupt_image", f"{where}: image does not decode ({exc}), sample skipped")
+            warn("corrupt_image",
+                 f"{_where(sample)}: image does not decode ({exc}), sample skipped")  # fmt: skip
             return None
-        return image, caption
+        return caption
 
-    def _collate(self, images, captions, keys, meta, worker, position, skipped) -> Batch:
-        tokens = mask = None
-        if self.config.task == "clip":
-            tokens, mask = self.tokenizer(captions)
+    def _collate(self, row, index, buffer, captions, keys, meta, worker, position,
+                 skipped) -> Batch:  # fmt: skip
         counts = {kind: skipped[kind] for kind in SKIP_KINDS}
         skipped.clear()
-        return Batch(
-            as_nchw(images), tokens, mask, keys, meta, worker, position, self.epoch, counts
-        )
+        lease = None
+        if index >= 0:  # pooled: out until the consumer frees it (BatchPools.release_on_free)
+            self.pools.lend(row, index)
+            lease = (self.pools.token, row, index)
+            # A storage of the batch's own over the buffer: in the main process (no
+            # workers), its freeing is what says the consumer let go.
+            views = self.pools.views(row, index)
+        else:  # a one-off buffer, travelling the DataLoader's ordinary way
+            views = self.pools.layout.views(buffer)
+        n = len(keys)
+        tokens = mask = None
+        if views.tokens is not None:
+            tokens, mask = views.tokens[:n], views.mask[:n]
+            self.tokenizer.encode_into(captions, tokens.numpy(), mask.numpy())
+        return Batch(as_nchw(views.images[:n]), tokens, mask, keys, meta, worker, position,
+                     self.epoch, counts, lease)  # fmt: skip
+
+
+def _where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
 
 
 def _metadata(sample: dict) -> dict:
@@ -276,6 +326,10 @@ class ShardLoader:
             raise DataError(f"task must be one of {', '.join(TASKS)}, got {config.task!r}")
         if config.batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {config.batch_size}")
+        try:
+            check_decoder(config.image.decoder)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         self.config, self.rank, self.world_size = config, rank, world_size
         self.sources = resolve_sources(config.shards)
         self.tokenizer = None
@@ -298,9 +352,14 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         cfg = self.config
-        dataset = _ShardBatches(cfg, self.sources, self.rank, self.world_size, self.epoch,
-                                list(self.positions), self.rotation, self.tokenizer)  # fmt: skip
         workers = cfg.num_workers
+        layout = BatchLayout(cfg.batch_size, cfg.image.load_size or cfg.image.size,
+                             cfg.context_length if cfg.task == "clip" else 0)  # fmt: skip
+        capacity = (cfg.prefetch_factor if workers > 0 else 0) + POOL_SLACK
+        pools = BatchPools(self._workers, capacity, layout, shared=workers > 0)
+        dataset = _ShardBatches(cfg, self.sources, self.rank, self.world_size, self.epoch,
+                                list(self.positions), self.rotation, self.tokenizer,
+                                pools)  # fmt: skip
         loader = DataLoader(
             dataset,
             batch_size=None,  # workers yield whole batches
@@ -309,6 +368,8 @@ class ShardLoader:
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         )
         for batch in loader:
+            if batch.lease is not None:  # the worker may reuse the buffer once it is freed
+                pools.release_on_free(batch.images, *batch.lease[1:])
             self.positions[batch.worker] = batch.position
             self.rotation = (batch.worker + 1) % self._workers
             self.skipped_total.update(batch.skipped)

@@ -111,6 +111,9 @@ def block_shuffled(
 
     Blocks rather than a rolling buffer: the order of block b depends on nothing before
     it, so a resumed stream needs only the samples from block b on."""
+    if block == 1 and drop == 0:  # no shuffle: skip drawing a permutation per sample
+        yield from samples
+        return
     seed, epoch, slot = key[0], key[1], key[2]
     b = first_block
     while True:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
@@ -46,6 +47,11 @@ class CaptionTokenizer:
             single=f"{SOT} $A {EOT}", special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)]
         )
         tokenizer.enable_truncation(max_length=context_length)
+        # Batches are encoded without padding, straight into a padded array: the padded
+        # encodings' 2 x context_length Python ints a caption cost more than encoding it.
+        self._unpadded = Tokenizer.from_str(tokenizer.to_str())
+        self._unpadded.no_padding()  # a loaded tokenizer.json pads already
+        # The saved file (and transformers' view of it) pads, like __call__'s result.
         tokenizer.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=PAD)
 
     @property
@@ -54,10 +60,23 @@ class CaptionTokenizer:
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, L) int64 and mask (B, L) bool, True on real tokens (start and end too)."""
-        encodings = self.tokenizer.encode_batch(list(captions))
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
-        return ids.reshape(len(encodings), self.context_length), mask.reshape(ids.shape)
+        ids = torch.empty((len(captions), self.context_length), dtype=torch.long)
+        mask = torch.empty(ids.shape, dtype=torch.bool)
+        self.encode_into(captions, ids.numpy(), mask.numpy())
+        return ids, mask
+
+    def encode_into(self, captions: list[str], ids: np.ndarray, mask: np.ndarray) -> None:
+        """``__call__`` writing into given (B, L) int64 ``ids`` and bool ``mask`` arrays
+        (the loader's shared batch buffer)."""
+        # encode_batch_fast: the same ids, without the character offsets we never read.
+        encodings = self._unpadded.encode_batch_fast(list(captions))
+        lengths = np.empty(len(encodings), dtype=np.int64)
+        ids.fill(self.pad_id)
+        for row, encoding in enumerate(encodings):
+            n = lengths[row] = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+        # Padding only ever follows the tokens: the mask is True on each row's first n.
+        np.less(np.arange(self.context_length), lengths[:, None], out=mask)
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)

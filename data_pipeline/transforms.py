@@ -11,6 +11,14 @@ Resampling is the expensive part of a worker's job (on the development machine a
 already square at a fixed side (img2dataset's center_crop output, the demo), set
 ``ImageConfig.load_size`` to that side: workers then only decode, and the device
 resizes the batch to ``size``.
+
+Decoding writes each image straight into its slot of the batch (``decode_into``). With
+PIL that takes one packing pass (PIL holds RGB as 4 bytes a pixel). With ``simplejpeg``
+(a dependency, imported optionally), a JPEG that already has the batch's side is decoded
+by it (libjpeg-turbo, as in PIL, with the same accurate DCT and upsampling) directly into
+the slot, with no PIL image and no packing; everything else, and any JPEG simplejpeg
+will not decode cleanly, goes through PIL, so which samples are skipped does not depend
+on the decoder.
 """
 
 from __future__ import annotations
@@ -22,9 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:  # optional: a faster path for JPEGs that need no resampling
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
 # CLIP's normalisation constants (Radford et al., 2021), the usual default.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DECODERS = ("auto", "pil", "simplejpeg")
 
 
 class CorruptImage(ValueError):
@@ -42,41 +56,103 @@ class ImageConfig:
     """Per-channel mean subtracted on the device (``normalize``)."""
     std: tuple[float, float, float] = CLIP_STD
     """Per-channel standard deviation divided on the device."""
+    decoder: str = "auto"
+    """JPEG decoding in the workers: ``simplejpeg`` for JPEGs already at the workers' side
+    (the rest through PIL), ``pil`` for everything, ``auto`` for simplejpeg when it is
+    installed, else PIL."""
 
 
-def decode_resize_crop(data: bytes, size: int) -> np.ndarray:
-    """Image file bytes -> (size, size, 3) uint8: the centred square of the image,
-    resized to ``size`` (antialiased bilinear). Raises CorruptImage for bytes PIL cannot
-    decode completely."""
+def check_decoder(decoder: str) -> None:
+    """A ValueError naming the problem when ``decoder`` cannot be used here."""
+    if decoder not in DECODERS:
+        raise ValueError(f"image decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "simplejpeg" and simplejpeg is None:
+        raise ValueError("image decoder 'simplejpeg' is not installed (pip install simplejpeg)")
+
+
+def decode_image(data: bytes, size: int) -> Image.Image:
+    """Image file bytes -> the centred square of the image as an RGB PIL image of side
+    ``size`` (resized, antialiased bilinear, when its side differs). Raises CorruptImage
+    for bytes PIL cannot decode completely. The decoding every pipeline stage shares: the
+    benchmark's decode stage times exactly this."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free: skip pixels we would drop.
             img.draft("RGB", (size, size))
-            img = img.convert("RGB")
+            img.load()
+            # convert() copies even when the mode is already RGB (every colour JPEG).
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise CorruptImage(f"{type(exc).__name__}: {exc}") from exc
-    width, height = img.size
+    width, height = rgb.size
+    if (width, height) == (size, size):
+        return rgb  # already what we want: no copy
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     square = (left, top, left + side, top + side)
-    if (width, height) == (size, size):
-        pass  # already what we want: no copy
-    elif side == size:
-        img = img.crop(square)
+    if side == size:
+        return rgb.crop(square)
+    # One pass over the centred square straight to size x size: the same pixels as
+    # resizing the shorter side then cropping, without the intermediate image.
+    # Bilinear (antialiased when shrinking) costs about 2/3 of bicubic here.
+    return rgb.resize((size, size), Image.Resampling.BILINEAR, box=square)
+
+
+def decode_into(data: bytes, out: np.ndarray, decoder: str = "auto") -> None:
+    """Decode image bytes straight into ``out``, a C-contiguous (size, size, 3) uint8 slot
+    of a batch: the pixels of ``decode_image``, written in place. With simplejpeg (see
+    ``ImageConfig.decoder``) a JPEG of side ``size`` is decoded into ``out`` directly;
+    otherwise PIL decodes and one pass packs its RGBX pixels into ``out``. Raises
+    CorruptImage, as ``decode_image``."""
+    if decoder != "pil" and jpeg_into(data, out):
+        return
+    _pack_rgb(decode_image(data, out.shape[0]), out)
+
+
+def jpeg_into(data: bytes, out: np.ndarray) -> bool:
+    """simplejpeg's half of ``decode_into``: True when ``data`` is a colour or grey JPEG
+    of exactly ``out``'s side, decoded into ``out`` without a warning; False (``out``
+    undefined) when simplejpeg is not installed or declines, and PIL must decide."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return False
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if (height, width) != out.shape[:2] or colorspace not in ("YCbCr", "Gray"):
+            return False  # resampling, or a CMYK/YCCK conversion: PIL's job
+        # Accurate integer DCT and smooth upsampling: PIL's (libjpeg's) defaults, so the
+        # pixels equal PIL's. strict: a warning (e.g. a truncated file) raises, and PIL
+        # then decides whether the sample decodes or is skipped.
+        simplejpeg.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False, buffer=out,
+                               strict=True)  # fmt: skip
+    except ValueError:
+        return False
+    return True
+
+
+def decode_resize_crop(data: bytes, size: int, decoder: str = "auto") -> np.ndarray:
+    """Image file bytes -> (size, size, 3) uint8 (``decode_into`` a new array)."""
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    decode_into(data, out, decoder)
+    return out
+
+
+def _pack_rgb(image: Image.Image, out: np.ndarray) -> None:
+    # PIL keeps RGB as 4 bytes a pixel; its raw encoder packs them to 3. tobytes() and
+    # np.asarray() run it in 64 KiB chunks and join them (a second copy): one chunk of
+    # the whole image instead, then one copy into the batch.
+    try:
+        encoder = Image._getencoder("RGB", "raw", ("RGB", 0, 1))
+        try:
+            encoder.setimage(image.im, (0, 0, *image.size))
+            _, status, data = encoder.encode(out.nbytes + 1)
+        finally:
+            encoder.cleanup()
+    except (AttributeError, TypeError):  # PIL's private encoder API moved: the public way
+        status, data = 0, b""
+    if status == 1 and len(data) == out.nbytes:  # 1: the whole image in this one chunk
+        out[...] = np.frombuffer(data, dtype=np.uint8).reshape(out.shape)
     else:
-        # One pass over the centred square straight to size x size: the same pixels as
-        # resizing the shorter side then cropping, without the intermediate image.
-        # Bilinear (antialiased when shrinking) costs about 2/3 of bicubic here.
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=square)
-    return np.asarray(img, dtype=np.uint8)  # (size, size, 3), one copy out of PIL
-
-
-def new_image_batch(batch_size: int, size: int, shared: bool) -> torch.Tensor:
-    """An empty (batch_size, size, size, 3) uint8 batch to fill sample by sample. In a
-    DataLoader worker it is put in shared memory up front, so handing it to the main
-    process moves no bytes (otherwise the loader copies every batch into shared memory)."""
-    batch = torch.empty((batch_size, size, size, 3), dtype=torch.uint8)
-    return batch.share_memory_() if shared else batch
+        out[...] = np.asarray(image)
 
 
 def as_nchw(batch: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +51,42 @@ def test_errors(tmp_path):
         CaptionTokenizer.train([], vocab_size=300)
     with pytest.raises(ValueError, match="context_length"):
         CaptionTokenizer.train(CAPTIONS, vocab_size=300, context_length=2)
+
+
+ODD_CAPTIONS = [
+    "A photo of the digit two",
+    " ".join(["digit"] * 100),  # truncated before the end token
+    "ß ∑ 🙂",
+    "x",
+    "<pad> looks like padding <|endoftext|> and an end",  # special tokens in the text
+    "  spaces   around  ",
+]
+
+
+def _padded_reference(tok: CaptionTokenizer, captions):
+    """What __call__ returned before batches were encoded unpadded: the padded encodings."""
+    encodings = tok.tokenizer.encode_batch(captions)
+    ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
+    return ids, mask
+
+
+def test_batch_encoding_equals_the_padded_encodings(tokenizer, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(path)
+    # A loaded tokenizer.json pads already: the unpadded copy must drop that padding.
+    for tok in (tokenizer, CaptionTokenizer.load(path, context_length=16)):
+        ids, mask = tok(ODD_CAPTIONS)
+        want_ids, want_mask = _padded_reference(tok, ODD_CAPTIONS)
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+        assert not mask.all()  # short captions are padded, and the mask says so
+
+
+def test_encode_into_writes_given_arrays(tokenizer):
+    ids = np.full((len(ODD_CAPTIONS), 16), -1, dtype=np.int64)
+    mask = np.zeros((len(ODD_CAPTIONS), 16), dtype=bool)
+    tokenizer.encode_into(ODD_CAPTIONS, ids, mask)
+    want_ids, want_mask = tokenizer(ODD_CAPTIONS)
+    assert np.array_equal(ids, want_ids.numpy()) and np.array_equal(mask, want_mask.numpy())
+    empty_ids, empty_mask = tokenizer([])
+    assert empty_ids.shape == (0, 16) and empty_mask.shape == (0, 16)

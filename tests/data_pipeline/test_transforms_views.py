@@ -3,14 +3,19 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
+from data_pipeline import transforms
 from data_pipeline.transforms import (
     CorruptImage,
     ImageConfig,
     as_nchw,
+    check_decoder,
+    decode_image,
+    decode_into,
     decode_resize_crop,
     device_preprocess,
+    jpeg_into,
     normalize,
 )
 from data_pipeline.views import SimCLRViews, ViewConfig
@@ -93,3 +98,108 @@ def test_nchw_view_and_device_preprocess():
     # A flat image stays flat through the resize: same value as without resizing.
     same_size = device_preprocess(batch, ImageConfig(size=32, mean=(0.0,) * 3, std=(1.0,) * 3))
     torch.testing.assert_close(out.mean(dim=(2, 3)), same_size.mean(dim=(2, 3)), atol=2e-3, rtol=0)
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _noise(w, h, mode="RGB", seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+# Images at the batch's side (32) go straight in; the others are cropped or resized first.
+DECODE_CASES = {
+    "jpeg at side": _encode(_noise(32, 32)),
+    "jpeg 4:4:4": _encode(_noise(32, 32), subsampling=0),
+    "progressive jpeg": _encode(_noise(32, 32), progressive=True),
+    "grey jpeg": _encode(_noise(32, 32, "L")),
+    "cmyk jpeg": _encode(_noise(32, 32, "CMYK")),
+    "jpeg to crop": _encode(_noise(48, 32)),
+    "jpeg to resize": _encode(_noise(70, 50)),
+    "png with alpha": _encode(_noise(32, 32, "RGBA"), "PNG"),
+}
+
+
+def _reference_decode(data: bytes, size: int) -> np.ndarray:
+    """The workers' decoding before it wrote into the batch: convert, crop or resize, copy."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = (left, top, left + side, top + side)
+    if (width, height) != (size, size):
+        if side == size:
+            img = img.crop(square)
+        else:
+            img = img.resize((size, size), Image.Resampling.BILINEAR, box=square)
+    return np.asarray(img, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+@pytest.mark.parametrize("decoder", ["pil", "auto"])
+def test_decode_into_writes_the_decoded_pixels_in_place(name, decoder):
+    data = DECODE_CASES[name]
+    batch = np.full((3, 32, 32, 3), 7, dtype=np.uint8)
+    decode_into(data, batch[1], decoder)
+    assert np.array_equal(batch[1], _reference_decode(data, 32))
+    assert np.array_equal(batch[1], np.asarray(decode_image(data, 32)))
+    assert (batch[0] == 7).all() and (batch[2] == 7).all()  # the neighbours are untouched
+
+
+def test_decode_image_skips_the_copy_for_rgb_at_side():
+    image = decode_image(DECODE_CASES["jpeg at side"], 32)
+    assert image.mode == "RGB" and image.size == (32, 32)
+    # The decoded JPEG itself (PIL's convert("RGB") would have copied it).
+    assert isinstance(image, JpegImagePlugin.JpegImageFile)
+
+
+def test_simplejpeg_decodes_what_pil_decodes(monkeypatch):
+    pytest.importorskip("simplejpeg")
+    for name, data in DECODE_CASES.items():
+        out = np.zeros((32, 32, 3), dtype=np.uint8)
+        taken = jpeg_into(data, out)
+        # Only JPEGs at the batch's side, colour or grey, are simplejpeg's.
+        assert taken == (name in ("jpeg at side", "jpeg 4:4:4", "progressive jpeg", "grey jpeg"))
+        if taken:
+            assert np.array_equal(out, np.asarray(decode_image(data, 32))), name
+    # A truncated JPEG is PIL's to judge: it raises CorruptImage whichever decoder runs.
+    with pytest.raises(CorruptImage):
+        decode_into(DECODE_CASES["jpeg at side"][:-40], np.zeros((32, 32, 3), np.uint8))
+
+
+def test_without_simplejpeg_everything_goes_through_pil(monkeypatch):
+    monkeypatch.setattr(transforms, "simplejpeg", None)
+    out = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert not jpeg_into(DECODE_CASES["jpeg at side"], out)
+    decode_into(DECODE_CASES["jpeg at side"], out)
+    assert np.array_equal(out, np.asarray(decode_image(DECODE_CASES["jpeg at side"], 32)))
+    with pytest.raises(ValueError, match="not installed"):
+        check_decoder("simplejpeg")
+
+
+def test_decoder_names_are_checked():
+    check_decoder("auto")
+    check_decoder("pil")
+    with pytest.raises(ValueError, match="one of auto, pil, simplejpeg"):
+        check_decoder("turbo")
+
+
+def test_packing_falls_back_to_the_public_api(monkeypatch):
+    real = Image._getencoder
+
+    def changed(mode, name, args, *extra):  # our one-chunk call fails; tobytes' works
+        if args == ("RGB", 0, 1):
+            raise TypeError("a new signature")
+        return real(mode, name, args, *extra)
+
+    monkeypatch.setattr(Image, "_getencoder", changed)
+    data = DECODE_CASES["jpeg to resize"]
+    out = np.zeros((32, 32, 3), dtype=np.uint8)
+    decode_into(data, out, "pil")
+    assert np.array_equal(out, _reference_decode(data, 32))

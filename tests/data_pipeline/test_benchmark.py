@@ -1,0 +1,50 @@
+"""The input pipeline benchmark's stages (not its timings): the decode stage decodes what
+the loader decodes, the way the loader decodes it."""
+
+import pytest
+
+from data_pipeline import benchmark
+from data_pipeline.transforms import ImageConfig
+from tests.data_pipeline.fake_shards import write_shards
+
+
+@pytest.mark.parametrize("decoder", ["pil", "auto"])
+def test_decode_stage_uses_the_loaders_decoding(tmp_path, monkeypatch, decoder):
+    write_shards(tmp_path, 10, per_shard=5)  # 24-pixel-high JPEGs, some wider
+    calls = []
+    for name in ("decode_image", "jpeg_into"):
+        real = getattr(benchmark, name)
+        monkeypatch.setattr(benchmark, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))  # fmt: skip
+    stage = benchmark._RawStage(str(tmp_path), True, 4, ImageConfig(size=24, decoder=decoder))
+    counts = iter(stage)
+    assert [next(counts) for _ in range(3)] == [4, 4, 2]  # one epoch, then the next begins
+    assert calls.count("decode_image") + calls.count("jpeg_into") >= 10
+    if decoder == "pil":
+        assert calls == ["decode_image"] * 10
+
+
+def test_unknown_stage_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--stages", "decode,warp", "--shards", "nowhere"])
+    assert "unknown stages warp" in capsys.readouterr().err
+
+
+def test_rows_are_measured_in_rounds_and_reported_as_medians(tmp_path, monkeypatch):
+    write_shards(tmp_path / "shards", 6, per_shard=3)
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    fake = {("decode", 1): [100.0, 300.0, 200.0], ("clip", 1): [90.0, 150.0, 170.0]}
+
+    def measure(stage, workers, args, tokenizer):
+        calls.append(stage)
+        return fake[stage, workers][sum(c == stage for c in calls) - 1]
+
+    monkeypatch.setattr(benchmark, "_measure", measure)
+    out = tmp_path / "bench.md"
+    args = ["--shards", str(tmp_path / "shards"), "--stages", "decode,clip", "--workers", "1"]
+    assert benchmark.main([*args, "--output", str(out)]) == 0
+    assert calls == ["decode", "clip"] * 3  # rounds over all rows, not row after row
+    text = out.read_text()
+    assert "| decode | 1 | 200 | - | - | 100, 300, 200 |" in text
+    assert "| clip | 1 | 150 | 0.75 | - | 90, 150, 170 |" in text
