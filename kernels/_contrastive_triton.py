@@ -232,7 +232,8 @@ def _row_gradient_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_DX: tl.constexpr,  # columns of dX owned by this program (D_PAD when it fits)
+    DX_COLS: tl.constexpr,  # min(D_PAD, _MAX_BLOCK_DX): dX columns one program can hold
+    DX_SPLIT: tl.constexpr,  # config: programs sharing those columns (1, or 2 to halve them)
     INPUT_PRECISION: tl.constexpr,
 ):
     # Program (i, d) owns dX[row block i, d-block d] and keeps it in registers while it
@@ -240,6 +241,15 @@ def _row_gradient_kernel(
     # cross-program reduction, so no atomics; dL/dY comes from a second launch with
     # X and Y (and the two log-sum-exp vectors) swapped. With whole rows (one d-block,
     # BLOCK_DX == D_PAD) the Y tile that made S is the one W multiplies: one load, two dots.
+    #
+    # DX_SPLIT = 2 halves each program's dX columns, so two programs recompute each S tile.
+    # Why pay that: with 8 warps and BLOCK_M = 64, Triton gives S's product the layout
+    # W @ Y needs as its register operand, which has both warpgroups compute the whole S
+    # tile (and its exps) anyway (ttgir: warpsPerCTA = [8, 1] for a 64-row S). Halved, a
+    # program fits one warpgroup (4 warps, a 64 x 256 fp32 accumulator) in half the
+    # registers and shared memory, so two programs share an SM and one's softmax can run
+    # while the other's products do.
+    BLOCK_DX: tl.constexpr = DX_COLS // DX_SPLIT
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
@@ -295,15 +305,17 @@ def _row_gradient_kernel(
 #   forward, whole rows: X's block, BLOCK_M * 1 KB, plus BLOCK_N * 1 KB per stage;
 #   backward: the (BLOCK_M, BLOCK_DX) fp32 accumulator lives in registers, so BLOCK_M
 #   stays at 64 (128 KB of registers over 8 warps); whole rows add X's block (64 KB)
-#   and a (BLOCK_N, 512) Y tile per stage.
+#   and a (BLOCK_N, 512) Y tile per stage. DX_SPLIT = 2 (4 warps, 64 x 256 accumulator)
+#   compiles to 255 registers x 128 threads and 80-96 KB: two programs fit an SM.
 # Configs that do not fit are dropped before timing (_prune); the autotuner times the
-# rest on the first call of each shape class and keeps the fastest.
+# rest on the first call of each shape class and keeps the fastest. Measured on an H200
+# at N = 65,536, D = 512: docs/benchmarks-passes.md.
 WHOLE_ROWS = 1 << 30  # BLOCK_K meaning "all of D at once"
 
 
-def _config(block_m, block_n, block_k, warps, stages):
+def _config(block_m, block_n, block_k, warps, stages, **backward_only):
     return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **backward_only},
         num_warps=warps,
         num_stages=stages,
     )
@@ -324,13 +336,16 @@ _FWD_CONFIGS = [
 ]
 _BWD_CONFIGS = [
     # K-chunked
-    _config(64, 64, 64, 8, 2),
-    _config(64, 64, 128, 8, 3),
-    _config(64, 128, 64, 8, 2),
+    _config(64, 64, 64, 8, 2, DX_SPLIT=1),
+    _config(64, 64, 128, 8, 3, DX_SPLIT=1),
+    _config(64, 128, 64, 8, 2, DX_SPLIT=1),
+    # K-chunked, dX columns halved: one warpgroup a program, two programs an SM
+    _config(64, 64, 64, 4, 3, DX_SPLIT=2),
+    _config(64, 64, 128, 4, 2, DX_SPLIT=2),
     # whole rows
-    _config(64, 64, WHOLE_ROWS, 8, 2),
-    _config(64, 32, WHOLE_ROWS, 8, 3),
-    _config(64, 32, WHOLE_ROWS, 8, 2),
+    _config(64, 64, WHOLE_ROWS, 8, 2, DX_SPLIT=1),
+    _config(64, 32, WHOLE_ROWS, 8, 3, DX_SPLIT=1),
+    _config(64, 32, WHOLE_ROWS, 8, 2, DX_SPLIT=1),
 ]
 _WHOLE_ROWS_MAX_BYTES = 1024  # the whole-rows configs above are sized for 512 bf16 columns
 _MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS)
@@ -338,7 +353,9 @@ _MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS)
 # so large blocks run the tests several times faster (128 vs 64: 4x). Tests switch
 # BLOCK_K to WHOLE_ROWS to run the other loading scheme.
 _INTERPRET_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
+_INTERPRET_DX_SPLIT = 1
 _MAX_BLOCK_DX = 512  # fp32 accumulator columns per program in the backward
+_MIN_SPLIT_DX_COLS = 256  # halving dX's columns pays (if at all) only for wide rows
 
 
 def _prune(configs, named_args, **kwargs):
@@ -349,13 +366,21 @@ def _prune(configs, named_args, **kwargs):
     percent of the bf16 rate: the block shapes above were chosen for the tensor cores,
     and timing them all there took minutes (on an H200, two gpu tests at N = 16,384
     passed their 120 s limit), so that path gets the smallest K-chunked config alone.
+    Configs that split dX's columns only where a program would hold 256 of them or more.
     """
     element_size = named_args["X"].element_size()
     if element_size == 4 and kwargs["INPUT_PRECISION"] == "ieee":
-        chunked = [c for c in configs if c.kwargs["BLOCK_K"] != WHOLE_ROWS]
+        unsplit = [c for c in configs if c.kwargs.get("DX_SPLIT", 1) == 1]
+        chunked = [c for c in unsplit if c.kwargs["BLOCK_K"] != WHOLE_ROWS]
         return [min(chunked, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     fits = kwargs["D_PAD"] * element_size <= _WHOLE_ROWS_MAX_BYTES
-    return [c for c in configs if fits or c.kwargs["BLOCK_K"] != WHOLE_ROWS]
+    wide = kwargs.get("DX_COLS", 0) >= _MIN_SPLIT_DX_COLS
+    return [
+        c
+        for c in configs
+        if (fits or c.kwargs["BLOCK_K"] != WHOLE_ROWS)
+        and (wide or c.kwargs.get("DX_SPLIT", 1) == 1)
+    ]
 
 
 # One launch at N = 65,536 takes milliseconds: 20 ms of timing per config is plenty.
@@ -489,11 +514,11 @@ def row_gradient(
     n = y.shape[0]
     dx = torch.empty_like(x)
     gs = torch.empty(m, device=x.device, dtype=torch.float32)
-    block_dx = min(_d_pad(d), _MAX_BLOCK_DX)
-    blocks = _INTERPRET_BLOCKS if INTERPRETED else {}
+    dx_cols = min(_d_pad(d), _MAX_BLOCK_DX)
+    blocks = {**_INTERPRET_BLOCKS, "DX_SPLIT": _INTERPRET_DX_SPLIT} if INTERPRETED else {}
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, block_dx))
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, dx_cols // meta["DX_SPLIT"]))
 
     kernel = _row_gradient_kernel if INTERPRETED else _row_gradient_tuned
     kernel[grid](
@@ -515,7 +540,7 @@ def row_gradient(
         _n_bucket(n),
         MODE=mode,
         D_PAD=_d_pad(d),
-        BLOCK_DX=block_dx,
+        DX_COLS=dx_cols,
         INPUT_PRECISION=_input_precision(x.dtype),
         **blocks,
     )

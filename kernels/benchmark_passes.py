@@ -35,9 +35,10 @@ def _features(n: int, d: int):
 def _config_name(config) -> str:
     kw = config.kwargs
     k = "whole" if kw["BLOCK_K"] == K.WHOLE_ROWS else str(kw["BLOCK_K"])
+    split = f", dX split {kw['DX_SPLIT']}" if kw.get("DX_SPLIT", 1) > 1 else ""
     return (
         f"{kw['BLOCK_M']}x{kw['BLOCK_N']}, K {k}, {config.num_warps} warps, "
-        f"{config.num_stages} stages"
+        f"{config.num_stages} stages{split}"
     )
 
 

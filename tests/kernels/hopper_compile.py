@@ -73,7 +73,7 @@ def main() -> None:
         ("row_logsumexp", K._row_logsumexp_kernel, fwd_pointers,
          {**common, "MODE": K.MODE_CLIP, "WITH_COL": True}, K._FWD_CONFIGS),
         ("row_gradient", K._row_gradient_kernel, bwd_pointers,
-         {**common, "stride_dx": D, "MODE": K.MODE_CLIP, "BLOCK_DX": D}, K._BWD_CONFIGS),
+         {**common, "stride_dx": D, "MODE": K.MODE_CLIP, "DX_COLS": D}, K._BWD_CONFIGS),
     ]  # fmt: skip
     for name, kernel, pointers, constexprs, configs in jobs:
         for config in configs:

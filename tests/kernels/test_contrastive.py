@@ -113,6 +113,35 @@ def test_triton_both_loading_schemes(loss_name, block_k, monkeypatch):
     _assert_matches(got, want, _multiplier(loss_name, s))
 
 
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_triton_backward_with_dx_columns_split(loss_name, monkeypatch):
+    # DX_SPLIT = 2: two programs share each row block's dX columns (D = 200: the second
+    # half is ragged), each recomputing S from K-chunks.
+    from kernels import _contrastive_triton as K
+
+    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
+    monkeypatch.setattr(K, "_INTERPRET_DX_SPLIT", 2)
+    fn, ref, s = LOSSES[loss_name]
+    a, b = _features(100, 200, seed=11)
+    got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="triton")
+    want = _loss_and_grads(ref, a, b, torch.tensor(s))
+    _assert_matches(got, want, _multiplier(loss_name, s))
+
+
+def test_autotune_splits_dx_columns_only_for_wide_rows():
+    from kernels import _contrastive_triton as K
+
+    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
+
+    def splits(d_pad):
+        kept = K._prune(K._BWD_CONFIGS, bf16, D_PAD=d_pad, DX_COLS=min(d_pad, 512),
+                        INPUT_PRECISION="ieee")  # fmt: skip
+        return [c for c in kept if c.kwargs["DX_SPLIT"] == 2]
+
+    assert splits(512) and splits(256)
+    assert not splits(128)
+
+
 @pytest.mark.parametrize(
     "dtype,d_pad,whole_rows_kept",
     [(torch.bfloat16, 512, True), (torch.float32, 256, True), (torch.float32, 512, False),
@@ -124,7 +153,8 @@ def test_autotune_keeps_whole_rows_only_where_they_fit(dtype, d_pad, whole_rows_
     from kernels import _contrastive_triton as K
 
     x = {"X": torch.empty(0, dtype=dtype)}
-    kept = K._prune(K._BWD_CONFIGS, x, D_PAD=d_pad, INPUT_PRECISION="tf32")
+    kept = K._prune(K._BWD_CONFIGS, x, D_PAD=d_pad, DX_COLS=min(d_pad, 512),
+                    INPUT_PRECISION="tf32")  # fmt: skip
     whole = [c for c in kept if c.kwargs["BLOCK_K"] == K.WHOLE_ROWS]
     assert bool(whole) == whole_rows_kept
     chunked = [c for c in K._BWD_CONFIGS if c.kwargs["BLOCK_K"] != K.WHOLE_ROWS]
@@ -138,10 +168,12 @@ def test_autotune_times_nothing_for_ieee_fp32(configs):
 
     candidates = getattr(K, configs)
     fp32 = {"X": torch.empty(0, dtype=torch.float32)}
-    kept = K._prune(candidates, fp32, D_PAD=256, INPUT_PRECISION="ieee")
+    kept = K._prune(candidates, fp32, D_PAD=256, DX_COLS=256, INPUT_PRECISION="ieee")
     assert len(kept) == 1 and kept[0].kwargs["BLOCK_K"] != K.WHOLE_ROWS
+    assert kept[0].kwargs.get("DX_SPLIT", 1) == 1
     bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
-    assert len(K._prune(candidates, bf16, D_PAD=256, INPUT_PRECISION="ieee")) == len(candidates)
+    kept = K._prune(candidates, bf16, D_PAD=256, DX_COLS=256, INPUT_PRECISION="ieee")
+    assert len(kept) == len(candidates)
     # fp32 with TF32 on and off are two shapes classes: neither reuses the other's choice.
     tuned = K._row_logsumexp_tuned if configs == "_FWD_CONFIGS" else K._row_gradient_tuned
     assert "INPUT_PRECISION" in tuned.keys
