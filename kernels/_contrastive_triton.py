@@ -86,6 +86,26 @@ def _logits_tile_log2(
     return acc * scale_log2
 
 
+# tl.log2 compiles to libdevice's correctly rounded log2f: a ~15-instruction polynomial.
+# The forward's column merge takes two per column per tile, and the (BLOCK_N,) column
+# vectors are replicated in every thread of the tile's layout, so on sm_90a those
+# polynomials were ~800 of the ~4,300 instructions each thread ran per 128 x 128 tile.
+# PTX's lg2.approx.f32 is one MUFU instruction, absolute error under 2^-22 (PTX ISA):
+# far below the fp32 rounding of a log-sum-exp of logits up to ~150 (log2 units).
+# The interpreter (CPU tests) cannot run PTX and keeps tl.log2.
+_PTX_LOG2 = tl.constexpr(not INTERPRETED)
+
+
+@triton.jit
+def _log2_fast(x):
+    if _PTX_LOG2:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
+
+
 @triton.jit
 def _load_rows(P, idx, n_rows, ks, D, stride):
     """P[idx, ks] as an (len(idx), len(ks)) tile in P's dtype; out-of-range entries are 0."""
@@ -197,12 +217,12 @@ def _row_logsumexp_kernel(
             if WITH_COL:
                 c_max = tl.max(s, axis=0)
                 c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
-                tile_lse = c_safe + tl.log2(tl.sum(tl.exp2(s - c_safe[None, :]), axis=0))
+                tile_lse = c_safe + _log2_fast(tl.sum(tl.exp2(s - c_safe[None, :]), axis=0))
                 part = COL_PART + pid * N + cols
                 old = tl.load(part, mask=col_ok, other=float("-inf"))
                 hi = tl.maximum(old, tile_lse)
                 hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-                merged = hi_safe + tl.log2(tl.exp2(old - hi_safe) + tl.exp2(tile_lse - hi_safe))
+                merged = hi_safe + _log2_fast(tl.exp2(old - hi_safe) + tl.exp2(tile_lse - hi_safe))
                 tl.store(part, merged, mask=col_ok)
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
         tl.store(LSE_ROW + rows, lse, mask=row_ok)
@@ -493,7 +513,18 @@ def row_logsumexp(
     )
     if not with_col:
         return lse_row, positive, None
-    return lse_row, positive, torch.logsumexp(col_part.mul_(math.log(2.0)), dim=0)
+    return lse_row, positive, _merge_column_partials_(col_part)
+
+
+def _merge_column_partials_(col_part: torch.Tensor) -> torch.Tensor:
+    """(P, N) per-program column log2-sum-exp2s -> (N,) natural-log column lse.
+
+    In place: torch.logsumexp would allocate a (P, N) temporary, which at P = 132 and
+    N = 65,536 doubles the forward's 35 MB of scratch."""
+    top = col_part.amax(dim=0)  # (N,); -inf only where no program saw the column
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    total = col_part.sub_(top).exp2_().sum(dim=0)
+    return total.log2_().add_(top).mul_(math.log(2.0))
 
 
 def row_gradient(

@@ -6,9 +6,11 @@
 Prints a table and rewrites this device's section of docs/benchmarks.md (--output).
 Columns: backend, loss, N, D, dtype, ms for one forward + backward, effective GFLOP/s
 counting 8 N^2 D (kernels.contrastive.logits_flops), extra peak memory. "Extra" is the
-peak during the call minus what was allocated before it (the features) minus the
-returned gradients (2 N D elements, the same for every backend): the scratch memory
-the loss itself needs.
+larger of two peaks above what was allocated before the call (the features): the
+forward's, and the backward's less the returned gradients (2 N D elements, the same for
+every backend). That is the scratch memory the loss itself needs, including what the
+forward frees before the gradients exist (the Triton forward's per-program column
+partials, programs x N fp32), which one peak less the gradients would hide.
 
 CPU memory is the process's peak RSS (getrusage), so each case runs in a fresh
 subprocess; GPU memory is torch.cuda.max_memory_allocated. A case whose estimated need
@@ -54,11 +56,22 @@ def _features(n: int, d: int, dtype: torch.dtype, device: str):
     return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
 
 
-def _fwd_bwd(loss_name: str, backend: str, a, b):
+def _forward(loss_name: str, backend: str, a, b):
     fn, s = LOSSES[loss_name]
     scale = torch.tensor(s, device=a.device, requires_grad=True)
-    loss = fn(a, b, scale, backend=backend)
-    return torch.autograd.grad(loss, (a, b, scale))
+    return fn(a, b, scale, backend=backend), (a, b, scale)
+
+
+def _backward(loss, inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+def _fwd_bwd(loss_name: str, backend: str, a, b):
+    return _backward(*_forward(loss_name, backend, a, b))
+
+
+def _output_bytes(grads) -> int:
+    return sum(g.numel() * g.element_size() for g in grads)
 
 
 def _free_bytes(device: str) -> int:
@@ -83,13 +96,19 @@ def _measure_cpu(loss: str, backend: str, n: int, d: int, dtype: str) -> dict:
     a, b = _features(n, d, DTYPES[dtype], "cpu")
     small_a, small_b = _features(256, d, DTYPES[dtype], "cpu")
     _fwd_bwd(loss, backend, small_a, small_b)  # thread pools, allocator: warm
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _max_rss()
     t0 = time.perf_counter()
-    grads = _fwd_bwd(loss, backend, a, b)
+    value, inputs = _forward(loss, backend, a, b)
+    forward_peak = _max_rss()
+    grads = _backward(value, inputs)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    outputs = sum(g.numel() * g.element_size() for g in grads)
-    return {"ms": seconds * 1e3, "extra_bytes": max(peak - before - outputs, 0)}
+    backward_peak = _max_rss()  # a high-water mark: never below forward_peak
+    extra = max(forward_peak - before, backward_peak - before - _output_bytes(grads))
+    return {"ms": seconds * 1e3, "extra_bytes": max(extra, 0)}
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _measure_cuda(loss: str, backend: str, n: int, d: int, dtype: str, repeat: int) -> dict:
@@ -103,13 +122,18 @@ def _measure_cuda(loss: str, backend: str, n: int, d: int, dtype: str, repeat: i
         before = torch.cuda.memory_allocated()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        grads = _fwd_bwd(loss, backend, a, b)
+        # The allocator's peaks are host-side counters: reading them between the passes
+        # adds no synchronisation to the timed region.
+        loss_value, inputs = _forward(loss, backend, a, b)
+        forward_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = _backward(loss_value, inputs)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-        outputs = sum(g.numel() * g.element_size() for g in grads)
-        extra = torch.cuda.max_memory_allocated() - before - outputs
-        del grads
+        backward_peak = torch.cuda.max_memory_allocated() - _output_bytes(grads)
+        extra = max(forward_peak, backward_peak) - before
+        del grads, loss_value
     return {"ms": statistics.median(times), "extra_bytes": max(extra, 0)}
 
 

@@ -86,6 +86,8 @@ def main() -> None:
                     "num_stages": config.num_stages,
                 },  # fmt: skip
                 "wgmma": "wgmma" in compiled.asm["ptx"],
+                # log2s by the special-function unit, not libdevice's polynomial
+                "lg2_approx": "lg2.approx.f32" in compiled.asm["ptx"],
                 "shared_bytes": compiled.metadata.shared,
                 **_ptxas_report(compiled.asm["ptx"]),
             }

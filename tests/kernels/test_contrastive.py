@@ -10,6 +10,8 @@ The floor matters where the exact gradient is 0, as for NT-Xent with N = 1. Trit
 interpreted here, where tl.dot is IEEE fp32, so the same tolerance applies.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,6 +113,21 @@ def test_triton_both_loading_schemes(loss_name, block_k, monkeypatch):
     got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="triton")
     want = _loss_and_grads(ref, a, b, torch.tensor(s))
     _assert_matches(got, want, _multiplier(loss_name, s))
+
+
+def test_column_partials_merge_in_place_like_logsumexp():
+    # (programs, N) log2-sum-exp2 partials -> natural-log column lse; a program that saw no
+    # rows leaves -inf, and a column nobody saw stays -inf.
+    from kernels import _contrastive_triton as K
+
+    g = torch.Generator().manual_seed(3)
+    part = torch.randn(6, 50, generator=g) * 40
+    part[2] = float("-inf")
+    part[:, 7] = float("-inf")
+    want = torch.logsumexp(part.double() * math.log(2.0), dim=0)
+    got = K._merge_column_partials_(part.clone())
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    assert got[7] == float("-inf")
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
