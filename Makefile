@@ -51,7 +51,7 @@ GPU_PYTHON ?= python3
 GPU_PYTEST_WORKERS = $(shell $(GPU_PYTHON) -c 'import xdist' 2>/dev/null && printf -- '-n 4')
 
 bench-kernels: $(STAMP) ## CPU kernel benchmark: prints the table, writes docs/benchmarks.md
-	$(BIN)/python -m kernels.benchmark --device cpu
+	$(BIN)/python -m kernels.benchmark --device cpu --losses clip,ntxent
 
 bench-data: $(STAMP) ## Input pipeline benchmark (demo shards): prints the table, writes docs/benchmarks-data.md
 	$(BIN)/python -m data_pipeline.benchmark
