@@ -10,6 +10,10 @@ from pathlib import Path
 
 from PIL import Image
 
+# The reader tests' shard set (conftest.py's `shards`): 10 shards of 13, the last short.
+READER_SAMPLES = 120
+READER_SHARD_SIZE = 13
+
 
 def jpeg_bytes(i: int, size: int = 24) -> bytes:
     colour = ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)

@@ -15,25 +15,10 @@ from data_pipeline.batch_buffers import BatchLayout, BatchPools
 from data_pipeline.errors import DataError
 from data_pipeline.loader import Batch, LoaderConfig, ShardLoader, _pooled_batch
 from data_pipeline.shard_stream import block_shuffled
-from data_pipeline.tokenizer import CaptionTokenizer
 from data_pipeline.transforms import ImageConfig
-from tests.data_pipeline.fake_shards import captions, write_shards
+from tests.data_pipeline.fake_shards import READER_SAMPLES
 
-N = 120
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    CaptionTokenizer.train(captions(N), vocab_size=300, context_length=12).save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    write_shards(folder, N, per_shard=13)
-    return folder
+N = READER_SAMPLES  # conftest.py's shard set
 
 
 def _config(shards, tokenizer_path, **kw):

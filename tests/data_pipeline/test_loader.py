@@ -7,24 +7,9 @@ import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.tokenizer import CaptionTokenizer
-from tests.data_pipeline.fake_shards import captions, write_shards
+from tests.data_pipeline.fake_shards import READER_SAMPLES, write_shards
 
-N = 120
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    CaptionTokenizer.train(captions(N), vocab_size=300, context_length=12).save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    write_shards(folder, N, per_shard=13)  # 10 shards, the last one short
-    return folder
+N = READER_SAMPLES  # conftest.py's shard set
 
 
 def _config(shards, tokenizer_path, **kw):
