@@ -13,10 +13,13 @@ least --seconds after a warm-up:
                 hand the batch to the main process; images stay at the shards' side
                 (--load-size) and the device resizes them
 - clip-resize:  the same with the workers resizing to --crop (PIL, antialiased bilinear)
-- simclr:       decode and centre square in the workers, then the two kornia views in
-                the main process (on the CPU here; on the training device in a real run)
-The read and decode stages hand the main process one count per batch; clip and simclr
-hand it whole batches (images in shared memory, tokens, keys, metadata). Every row is
+- simclr:       the SimCLR workers' part: decode and centre square into the batch, and
+                hand the batch to the main process
+- simclr-views: + SimCLR's two augmented views of each batch (kornia), in the main
+                process: on its CPU here, sharing the cores with the workers, where a
+                real run makes them on the training device
+The read and decode stages hand the main process one count per batch; the others hand
+it whole batches (images in shared memory, tokens, keys, metadata). Every row is
 measured --repeat times, in rounds over all rows (so a burst of other load on the
 machine hits every stage alike), and the table gives each row's median and its runs.
 Prints a table and writes docs/benchmarks-data.md. Targets: clip at least 85% of decode
@@ -45,7 +48,7 @@ from data_pipeline.shard_plan import Slot, epoch_share
 from data_pipeline.shard_stream import RateLimitedWarnings, source_samples
 from data_pipeline.transforms import DECODERS, ImageConfig, decode_image, jpeg_into, simplejpeg
 
-STAGES = ("read", "decode", "clip", "clip-resize", "simclr")
+STAGES = ("read", "decode", "clip", "clip-resize", "simclr", "simclr-views")
 
 
 class _RawStage(IterableDataset):
@@ -109,7 +112,7 @@ def _measure(stage: str, workers: int, args, tokenizer: str) -> float:
                           batch_size=args.batch_size, num_workers=workers, resampled=True,
                           image=image, tokenizer=tokenizer, pin_memory=False)  # fmt: skip
     batches = iter(ShardLoader(config))
-    if stage != "simclr":
+    if stage != "simclr-views":
         return _rate(batches, args.seconds, len)
     from data_pipeline.views import SimCLRViews, ViewConfig
 

@@ -23,7 +23,6 @@ that follow equal those of a run that never stopped.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.batch_buffers import BatchLayout, BatchPools, batch_pools
 from data_pipeline.errors import DataError
 from data_pipeline.inspect_shards import resolve_shards
+from data_pipeline.metadata import SampleMetadata
 from data_pipeline.shard_format import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 from data_pipeline.shard_plan import Slot, epoch_share, mixing_order, resampled_shards
 from data_pipeline.shard_stream import (
@@ -99,7 +99,8 @@ class Batch:
     tokens: torch.Tensor | None  # (B, L) int64, CLIP
     token_mask: torch.Tensor | None  # (B, L) bool, CLIP
     keys: list[str]  # "url#key" of each sample
-    meta: list[dict]  # each sample's .json member, parsed ({} without one): labels etc.
+    meta: SampleMetadata  # meta[i]: sample i's .json member as a dict ({} without one),
+    # parsed where it is first read
     worker: int  # logical worker that made the batch
     position: int  # raw samples that worker had consumed after this batch
     epoch: int
@@ -243,7 +244,7 @@ class _ShardBatches(IterableDataset):
                 continue
             captions.append(caption)
             keys.append(f"{sample.get('__url__', '')}#{sample['__key__']}")
-            meta.append(_metadata(sample))
+            meta.append(sample.get("json"))
             if len(keys) == cfg.batch_size:
                 yield self._collate(row, index, buffer, captions, keys, meta, worker, position,
                                     skipped)  # fmt: skip
@@ -298,23 +299,12 @@ class _ShardBatches(IterableDataset):
         if views.tokens is not None:
             tokens, mask = views.tokens[:n], views.mask[:n]
             self.tokenizer.encode_into(captions, tokens.numpy(), mask.numpy())
-        return Batch(as_nchw(views.images[:n]), tokens, mask, keys, meta, worker, position,
-                     self.epoch, counts, lease)  # fmt: skip
+        return Batch(as_nchw(views.images[:n]), tokens, mask, keys, SampleMetadata(meta), worker,
+                     position, self.epoch, counts, lease)  # fmt: skip
 
 
 def _where(sample: dict) -> str:
     return f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
-
-
-def _metadata(sample: dict) -> dict:
-    raw = sample.get("json")
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return {}  # metadata is informational: a bad .json does not cost the sample
-    return value if isinstance(value, dict) else {}
 
 
 # --------------------------------------------------------------------------- main process

@@ -36,8 +36,9 @@ def test_each_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path, tokenizer_p
     assert sorted(seen) == [f"{i:09d}" for i in range(N)]
 
 
-def test_batches_carry_each_samples_metadata(shards, tokenizer_path):
-    for batch in ShardLoader(_config(shards, tokenizer_path, num_workers=0)):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_carry_each_samples_metadata(shards, tokenizer_path, num_workers):
+    for batch in ShardLoader(_config(shards, tokenizer_path, num_workers=num_workers)):
         assert [m["index"] for m in batch.meta] == [int(k) for k in _keys([batch])]
 
 

@@ -60,6 +60,7 @@ ODD_CAPTIONS = [
     "x",
     "<pad> looks like padding <|endoftext|> and an end",  # special tokens in the text
     "  spaces   around  ",
+    "",  # only the start and end tokens
 ]
 
 
@@ -80,6 +81,13 @@ def test_batch_encoding_equals_the_padded_encodings(tokenizer, tmp_path):
         want_ids, want_mask = _padded_reference(tok, ODD_CAPTIONS)
         assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
         assert not mask.all()  # short captions are padded, and the mask says so
+
+
+def test_shortest_context_holds_one_token_between_start_and_end():
+    tok = CaptionTokenizer.train(CAPTIONS, vocab_size=300, context_length=3)
+    ids, mask = tok(ODD_CAPTIONS)
+    want_ids, want_mask = _padded_reference(tok, ODD_CAPTIONS)
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
 
 
 def test_encode_into_writes_given_arrays(tokenizer):
