@@ -73,6 +73,21 @@ class _Tiling:
         return inside, pos[inside] - c0
 
 
+class _ScaledRows:
+    """s * x[r0:r1] in the compute dtype, for the tiles of one row block: s is folded into
+    the rows (R x D multiplies) rather than the tiles (R x C), and only the current row
+    block is held, not an (M, D) scaled copy of x."""
+
+    def __init__(self, x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.x, self.scale, self.dtype = x, scale.to(dtype), dtype
+        self.r0, self.block = -1, None
+
+    def __call__(self, r0: int, r1: int) -> torch.Tensor:
+        if r0 != self.r0:  # tiles come row block by row block (_Tiling's order)
+            self.r0, self.block = r0, self.x[r0:r1].to(self.dtype) * self.scale
+        return self.block
+
+
 def row_logsumexp(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -84,14 +99,14 @@ def row_logsumexp(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, n = x.shape[0], y.shape[0]
     dtype = _compute_dtype(x.dtype)
-    xs = x.to(dtype) * scale.to(dtype)  # (M, D): s folded into the rows, not the tiles
     y_t = y.to(dtype).t()  # (D, N)
     tiling = _Tiling(m, n, row_offset, mode, x.device)
+    scaled_rows = _ScaledRows(x, scale, dtype)
     lse_row = torch.full((m,), float("-inf"), device=x.device, dtype=dtype)
     positive = torch.empty(m, device=x.device, dtype=dtype)
     col = torch.full((n,), float("-inf"), device=x.device, dtype=dtype) if with_col else None
     for r0, r1, c0, c1 in tiling:
-        s = xs[r0:r1] @ y_t[:, c0:c1]  # (R, C) logits
+        s = scaled_rows(r0, r1) @ y_t[:, c0:c1]  # (R, C) logits
         diag = tiling.self_entries(r0, r1, c0, c1)
         if diag is not None:
             s[diag] = float("-inf")
@@ -119,16 +134,16 @@ def row_gradient(
     m, n = x.shape[0], y.shape[0]
     dtype = _compute_dtype(x.dtype)
     x_c = x.to(dtype)
-    xs = x_c * scale.to(dtype)
     y_c = y.to(dtype)
     y_t = y_c.t()
     lse_row, lse_col = lse_row.to(dtype), lse_col.to(dtype)
     tiling = _Tiling(m, n, row_offset, mode, x.device)
+    scaled_rows = _ScaledRows(x_c, scale, dtype)
     dx = torch.zeros(m, x.shape[1], device=x.device, dtype=dtype)
     dy = torch.zeros(n, y.shape[1], device=x.device, dtype=dtype) if with_col_grad else None
     gs = torch.zeros(m, device=x.device, dtype=dtype)
     for r0, r1, c0, c1 in tiling:
-        s = xs[r0:r1] @ y_t[:, c0:c1]  # (R, C) logits, recomputed
+        s = scaled_rows(r0, r1) @ y_t[:, c0:c1]  # (R, C) logits, recomputed
         # W = P_row + P_col - 2 [positive]; NT-Xent's self entries are set to 0 below.
         w = torch.sub(s, lse_row[r0:r1, None]).exp_()
         w.add_(torch.sub(s, lse_col[None, c0:c1]).exp_())

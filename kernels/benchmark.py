@@ -12,8 +12,10 @@ every backend). That is the scratch memory the loss itself needs, including what
 forward frees before the gradients exist (the Triton forward's per-program column
 partials, programs x N fp32), which one peak less the gradients would hide.
 
-CPU memory is the process's peak RSS (getrusage), so each case runs in a fresh
-subprocess; GPU memory is torch.cuda.max_memory_allocated. A case whose estimated need
+CPU memory is the process's resident-set high-water mark (VmHWM), reset before the
+forward and again before the backward (/proc/self/clear_refs), so that the features'
+own temporaries, made and freed before the call, do not hide the loss's scratch; each
+case runs in a fresh subprocess. GPU memory is torch.cuda.max_memory_allocated. A case whose estimated need
 exceeds the free memory is reported as skipped, not run: the reference needs about
 16 N^2 bytes (fp32 logits, two log-softmaxes and their gradients).
 """
@@ -26,7 +28,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,15 +46,21 @@ FOOTNOTE = (
     "N is the number of pairs; the rate counts 8 N² D for both losses, so for NT-Xent, "
     "whose S is 2N x 2N, the arithmetic done is four times what the rate column credits. "
     "'x reference' is the reference's time over this row's; extra peak memory excludes "
-    "the features and the returned gradients."
+    "the features and the returned gradients. NT-Xent's z1 and z2 are the two halves of "
+    "one (2N, D) tensor, as the trainer lays them out: two separate tensors would cost "
+    "one 2N x D copy more."
 )
 
 
 def _features(n: int, d: int, dtype: torch.dtype, device: str):
+    """(a, b), (n, d) each, rows unit-norm, partners correlated: the two halves of one
+    (2n, d) tensor (the trainer's layout, which NT-Xent stacks without a copy)."""
     g = torch.Generator(device=device).manual_seed(0)
     a = F.normalize(torch.randn(n, d, device=device, generator=g), dim=1)
     b = F.normalize(a + torch.randn(n, d, device=device, generator=g), dim=1)
-    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    both = torch.cat([a, b]).to(dtype)
+    del a, b
+    return both[:n].requires_grad_(), both[n:].requires_grad_()
 
 
 def _forward(loss_name: str, backend: str, a, b):
@@ -96,19 +103,30 @@ def _measure_cpu(loss: str, backend: str, n: int, d: int, dtype: str) -> dict:
     a, b = _features(n, d, DTYPES[dtype], "cpu")
     small_a, small_b = _features(256, d, DTYPES[dtype], "cpu")
     _fwd_bwd(loss, backend, small_a, small_b)  # thread pools, allocator: warm
-    before = _max_rss()
+    _reset_peak_rss()
+    before = _peak_rss()  # just reset: what is resident now
     t0 = time.perf_counter()
     value, inputs = _forward(loss, backend, a, b)
-    forward_peak = _max_rss()
+    forward_peak = _peak_rss()
+    _reset_peak_rss()  # the forward's saved tensors stay resident, and count below
     grads = _backward(value, inputs)
     seconds = time.perf_counter() - t0
-    backward_peak = _max_rss()  # a high-water mark: never below forward_peak
+    backward_peak = _peak_rss()
     extra = max(forward_peak - before, backward_peak - before - _output_bytes(grads))
     return {"ms": seconds * 1e3, "extra_bytes": max(extra, 0)}
 
 
-def _max_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _reset_peak_rss() -> None:
+    # "5" resets this process's VmHWM to its current RSS (Linux >= 4.0).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as exc:
+        raise SystemExit(f"cannot reset the peak RSS (/proc/self/clear_refs): {exc}") from exc
+
+
+def _peak_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def _measure_cuda(loss: str, backend: str, n: int, d: int, dtype: str, repeat: int) -> dict:

@@ -59,8 +59,12 @@ def gradcache_step(
             cached_b.append(b)
 
     # 2. The loss over the whole contrastive batch, and its gradient wrt the features.
-    a_all = torch.cat(cached_a).requires_grad_()
-    b_all = torch.cat(cached_b).requires_grad_()
+    # Both sides in one (2M, D) buffer: NT-Xent stacks [a; b] as its rows and, laid out
+    # like this, takes that as a view instead of copying (kernels.contrastive._stacked).
+    rows_a = sum(len(x) for x in cached_a)
+    features = torch.cat(cached_a + cached_b)
+    a_all, b_all = features[:rows_a].requires_grad_(), features[rows_a:].requires_grad_()
+    del features
     scale_leaf = None
     if scale_fn is not None:
         with torch.no_grad():

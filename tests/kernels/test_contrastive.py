@@ -331,6 +331,80 @@ def test_no_n_by_n_allocation(backend, monkeypatch):
     assert largest >= n * n
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ntxent_views_of_one_tensor_are_not_copied(backend):
+    """z1 and z2 as the two halves of one (2N, D) tensor (the trainer's layout): [z1; z2]
+    is a view, no aten.cat copy in the forward, and loss and gradients equal those of two
+    separate tensors; z2 before z1 in memory is copied, and still right."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.called = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.called.add(func)
+            return func(*args, **(kwargs or {}))
+
+    n, d, temperature = 50, 16, torch.tensor(0.1)
+    a, b = _features(n, d)
+    want = _loss_and_grads(ntxent_loss, a, b, temperature, backend=backend)
+    for order, copied in ((lambda a, b: (a, b), False), (lambda a, b: (b, a), True)):
+        first, second = order(a.detach(), b.detach())
+        both = torch.cat([first, second])
+        z1, z2 = order(*both.split(n))
+        z1.requires_grad_(), z2.requires_grad_()
+        ops = Ops()
+        with ops:
+            loss = ntxent_loss(z1, z2, temperature, backend=backend)
+        assert (torch.ops.aten.cat.default in ops.called) == copied
+        got = (loss, *torch.autograd.grad(loss, (z1, z2)))
+        for g, w in zip(got, want[:3], strict=True):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_torch_backend_forward_copies_no_features(loss_name, monkeypatch):
+    """fp32 features in the trainer's layout: the torch backend's forward allocates tiles
+    and O(N) statistics, nothing of the features' size (N x D; no scaled copy of the rows,
+    no [z1; z2])."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 32)
+    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 32)
+    n, d = 100, 64
+    largest = 0
+
+    class LargestAllocation(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal largest
+            out = func(*args, **(kwargs or {}))
+            if func not in (torch.ops.aten.as_strided.default, torch.ops.aten.t.default):
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and not t._is_view():
+                        largest = max(largest, t.numel())
+            return out
+
+    fn, _, s = LOSSES[loss_name]
+    a, b = _features(n, d)
+    z1, z2 = torch.cat([a, b]).detach().split(n)
+    with LargestAllocation():
+        fn(z1, z2, torch.tensor(s), backend="torch")
+    assert 0 < largest < n * d, largest
+
+
+def test_ntxent_view_sees_in_place_changes_before_backward():
+    both = F.normalize(torch.randn(8, 4), dim=1)
+    z1, z2 = both.split(4)
+    z1.requires_grad_(), z2.requires_grad_()
+    loss = ntxent_loss(z1, z2, 0.5, backend="torch")
+    with torch.no_grad():
+        z2.mul_(2)  # the saved [z1; z2] would be stale
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_process_group_errors():
     a, b = _features(4, 8)
     with pytest.raises(ValueError, match="takes no process_group"):
