@@ -15,9 +15,9 @@ partials, programs x N fp32), which one peak less the gradients would hide.
 CPU memory is the process's resident-set high-water mark (VmHWM), reset before the
 forward and again before the backward (/proc/self/clear_refs), so that the features'
 own temporaries, made and freed before the call, do not hide the loss's scratch; each
-case runs in a fresh subprocess. GPU memory is torch.cuda.max_memory_allocated. A case whose estimated need
-exceeds the free memory is reported as skipped, not run: the reference needs about
-16 N^2 bytes (fp32 logits, two log-softmaxes and their gradients).
+case runs in a fresh subprocess. GPU memory is torch.cuda.max_memory_allocated. A case
+whose estimated need exceeds the free memory is reported as skipped, not run: the
+reference needs about 16 N^2 bytes (fp32 logits, two log-softmaxes and their gradients).
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ class DataConfig:
     """Loader worker processes per rank."""
     load_size: int | None = None
     """Side the workers decode to (None: model.image_size); see data_pipeline.transforms."""
+    decoder: Literal["auto", "pil", "simplejpeg"] = "auto"
+    """JPEG decoding in the workers: simplejpeg for JPEGs already at the workers' side
+    (auto: when installed), PIL for the rest; pil: PIL for everything."""
     shuffle_block: int = 1000
     resampled: bool = False
     classnames: str | None = None

@@ -20,7 +20,7 @@ class ClipTask:
 
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = CaptionTokenizer.load(config.data.tokenizer, config.model.context_length)
-        self.image = ImageConfig(size=config.model.image_size, load_size=config.data.load_size)
+        self.image = _image_config(config)
 
     def build_model(self):
         from trainer.models.clip import ClipModel, clip_config
@@ -65,7 +65,7 @@ class SimCLRTask:
 
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = None
-        self.image = ImageConfig(size=config.model.image_size, load_size=config.data.load_size)
+        self.image = _image_config(config)
         self.views = SimCLRViews(ViewConfig(size=config.model.image_size))
 
     def build_model(self):
@@ -102,3 +102,9 @@ class SimCLRTask:
 
 def make_task(config: RunConfig, device: torch.device, world_size: int):
     return (ClipTask if config.task == "clip" else SimCLRTask)(config, device, world_size)
+
+
+def _image_config(config: RunConfig) -> ImageConfig:
+    """What the workers and the device do to images, from the run's model and data keys."""
+    return ImageConfig(size=config.model.image_size, load_size=config.data.load_size,
+                       decoder=config.data.decoder)  # fmt: skip

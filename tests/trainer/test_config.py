@@ -50,6 +50,7 @@ def test_preset_applies_under_the_file(tmp_path):
         ("", ["engine.precision=fp8"], "engine.precision must be one of"),
         ("", ["optim.betas=[0.9]"], "optim.betas: expected a list of 2"),
         ("", ["data.resampled=maybe"], "data.resampled: expected true or false"),
+        ("", ["data.decoder=turbo"], "data.decoder must be one of 'auto', 'pil', 'simplejpeg'"),
         ("optim: 3\n", [], "optim: expected a mapping"),
         ("- a\n- b\n", [], "must hold a mapping"),
         ("", ["preset=huge"], "preset must be one of"),
@@ -105,3 +106,12 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=3") == {"a": {"b": 3}}
     assert parse_override("a=null") == {"a": None}
     assert parse_override("a=x y") == {"a": "x y"}
+
+
+def test_data_keys_reach_the_workers_image_config():
+    from trainer.tasks import _image_config
+
+    config = load_config(None, ["data.decoder=pil", "data.load_size=40", "model.image_size=32"])
+    image = _image_config(config)
+    assert (image.decoder, image.load_size, image.size) == ("pil", 40, 32)
+    assert _image_config(load_config(None)).decoder == "auto"
