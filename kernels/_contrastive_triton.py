@@ -46,6 +46,9 @@ MODE_NTXENT = 1
 SUPPORTS_COLUMN_GRADIENT = False
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Set to 1 to run the backward through the experimental TMA + warp-specialised kernel
+# (_row_gradient_tma_kernel) wherever TMA can read the features; read at each call.
+TMA_BACKWARD_ENV = "MEGABATCH_TRITON_WS"
 
 
 @triton.jit
@@ -287,7 +290,6 @@ def _row_gradient_kernel(
     gs = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
         y = _load_rows(Y, cols, N, dcols, D, stride_y)  # (BLOCK_N, BLOCK_DX)
         if BLOCK_K >= D_PAD:
             s = tl.dot(x, tl.trans(y), input_precision=INPUT_PRECISION) * scale_log2
@@ -296,18 +298,33 @@ def _row_gradient_kernel(
                 X, Y, rows, cols, M, N, D, stride_x, stride_y, scale_log2,
                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
             )  # fmt: skip
-        lse_col = tl.load(LSE_COL + cols, mask=col_ok, other=0.0) * 1.4426950408889634
-        # P_row + P_col, both <= 1, so no overflow for any scale.
-        w = tl.exp2(s - lse_row[:, None]) + tl.exp2(s - lse_col[None, :])
-        w = tl.where(cols[None, :] == pos[:, None], w - 2.0, w)
-        valid = row_ok[:, None] & col_ok[None, :]
-        if MODE == 1:
-            valid = valid & (cols[None, :] != (rows + row_offset)[:, None])
-        w = tl.where(valid, w, 0.0)
+        w = _gradient_weights(s, LSE_COL, lse_row, rows, cols, pos, M, N, row_offset, MODE)
         gs += tl.sum(w * s, axis=1)
         # W in [-2, 2] is cast to the input dtype for the tensor cores (as attention
         # casts P before P @ V); the 1 / (2N) factor is applied after, in fp32.
         acc = tl.dot(w.to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
+    _store_row_gradient(acc, gs, OUT_MULT, DX, GS, rows, dcols, M, D, stride_dx, pid_d)
+
+
+@triton.jit
+def _gradient_weights(s, LSE_COL, lse_row, rows, cols, pos, M, N, row_offset, MODE: tl.constexpr):
+    """W = P_row + P_col - 2 [positive] of one (BLOCK_M, BLOCK_N) tile of S * log2(e), with
+    lse_row already in log2 units; 0 outside the matrix and (NT-Xent) on self-pairs."""
+    col_ok = cols < N
+    lse_col = tl.load(LSE_COL + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+    # P_row + P_col, both <= 1, so no overflow for any scale.
+    w = tl.exp2(s - lse_row[:, None]) + tl.exp2(s - lse_col[None, :])
+    w = tl.where(cols[None, :] == pos[:, None], w - 2.0, w)
+    valid = (rows < M)[:, None] & col_ok[None, :]
+    if MODE == 1:
+        valid = valid & (cols[None, :] != (rows + row_offset)[:, None])
+    return tl.where(valid, w, 0.0)
+
+
+@triton.jit
+def _store_row_gradient(acc, gs, OUT_MULT, DX, GS, rows, dcols, M, D, stride_dx, pid_d):
+    """dX[rows, dcols] = out_mult * acc in DX's dtype; gs (natural-log units) once a row."""
+    row_ok = rows < M
     out = acc * tl.load(OUT_MULT).to(tl.float32)
     tl.store(
         DX + rows[:, None] * stride_dx + dcols[None, :],
@@ -316,6 +333,61 @@ def _row_gradient_kernel(
     )
     if pid_d == 0:
         tl.store(GS + rows, gs * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_DYNAMIC_INTS)
+def _row_gradient_tma_kernel(
+    x_desc,  # TMA descriptor of X (M, D), block (BLOCK_M, D_PAD)
+    y_desc,  # TMA descriptor of Y (N, D), block (BLOCK_N, D_PAD): S's operand
+    y_dx_desc,  # TMA descriptor of Y (N, D), block (BLOCK_N, BLOCK_DX): W @ Y's operand
+    SCALE,  # (1,) fp32 s
+    OUT_MULT,  # (1,) fp32 g * s / (2 N)
+    LSE_ROW,  # (M,) fp32 natural-log row log-sum-exp
+    LSE_COL,  # (N,) fp32 natural-log column log-sum-exp
+    DX,  # (M, D) out, dtype of X
+    GS,  # (M,) fp32 out
+    M,
+    N,
+    D,
+    stride_dx,
+    row_offset,
+    N_BUCKET,
+    MODE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DX_COLS: tl.constexpr,
+    DX_SPLIT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    # _row_gradient_kernel's whole-rows scheme, with every tile of X and Y loaded by the
+    # TMA unit (rows past M or N and columns past D arrive as zeros: no load masks) and
+    # the column loop offered to Triton's automatic warp specialisation. On Hopper that
+    # gives the loads a producer warp and the products and the softmax partitions of
+    # their own, so one tile's exponentials can run while the next tile's products do:
+    # the overlap the plain kernel does not get. Experimental: used only when
+    # MEGABATCH_TRITON_WS=1 (see row_gradient), until a GPU run shows it pays.
+    BLOCK_DX: tl.constexpr = DX_COLS // DX_SPLIT
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lse_row = tl.load(LSE_ROW + rows, mask=rows < M, other=0.0) * 1.4426950408889634
+    pos = _positive_column(rows, row_offset, M // 2, MODE)
+    x = x_desc.load([pid_m * BLOCK_M, 0])  # (BLOCK_M, D_PAD), on chip throughout
+    acc = tl.zeros((BLOCK_M, BLOCK_DX), dtype=tl.float32)
+    gs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for col_start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        y = y_desc.load([col_start, 0])  # (BLOCK_N, D_PAD)
+        s = tl.dot(x, tl.trans(y), input_precision=INPUT_PRECISION) * scale_log2
+        w = _gradient_weights(s, LSE_COL, lse_row, rows, cols, pos, M, N, row_offset, MODE)
+        gs += tl.sum(w * s, axis=1)
+        y_dx = y_dx_desc.load([col_start, pid_d * BLOCK_DX])  # (BLOCK_N, BLOCK_DX)
+        acc = tl.dot(w.to(y_dx.dtype), y_dx, acc, input_precision=INPUT_PRECISION)
+    dcols = pid_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
+    _store_row_gradient(acc, gs, OUT_MULT, DX, GS, rows, dcols, M, D, stride_dx, pid_d)
 
 
 # --------------------------------------------------------------------------- tuning
@@ -419,6 +491,43 @@ _row_gradient_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_quick_bench,
 )(_row_gradient_kernel)
+
+
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: the TMA descriptors' blocks follow the config being run."""
+    block_dx = nargs["DX_COLS"] // nargs["DX_SPLIT"]
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["D_PAD"]]
+    nargs["y_desc"].block_shape = [nargs["BLOCK_N"], nargs["D_PAD"]]
+    nargs["y_dx_desc"].block_shape = [nargs["BLOCK_N"], block_dx]
+
+
+def _tma_config(block_m, block_n, dx_split, warps, stages, warp_specialize):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "DX_SPLIT": dx_split,
+         "WARP_SPECIALIZE": warp_specialize},
+        num_warps=warps, num_stages=stages, pre_hook=_tma_block_shapes,
+    )  # fmt: skip
+
+
+# The experimental TMA backward's candidates. With warp specialisation Triton 3.6 on
+# Hopper partitions the loop only for num_warps=4 (one consumer warpgroup; it adds the
+# producer's warps, 12 in all). Compiled here for sm_90a at D = 512 bf16: 64 x 32 tiles
+# with dX halved take 180 KB of shared memory and spill nothing, 64 x 64 in one stage
+# 180 KB with 564 bytes of spills; 64 x 64 in two stages would need 295 KB, and 128-row
+# blocks fail in the partitioning pass. The two unspecialised configs (164 KB, 197 KB)
+# tell TMA's share of any gain from the specialisation's.
+_TMA_BWD_CONFIGS = [
+    _tma_config(64, 32, 2, 4, 2, True),
+    _tma_config(64, 64, 2, 4, 1, True),
+    _tma_config(64, 32, 2, 4, 2, False),
+    _tma_config(64, 32, 1, 8, 2, False),
+]
+_TMA_MIN_D_PAD = 64  # halved, 32 dX columns: tl.dot's N must be >= 16
+_row_gradient_tma_tuned = triton.autotune(
+    _TMA_BWD_CONFIGS,
+    key=["D", "N_BUCKET", "MODE", "INPUT_PRECISION"],
+    do_bench=_quick_bench,
+)(_row_gradient_tma_kernel)
 
 
 def _n_bucket(n: int) -> int:
@@ -546,6 +655,10 @@ def row_gradient(
     dx = torch.empty_like(x)
     gs = torch.empty(m, device=x.device, dtype=torch.float32)
     dx_cols = min(_d_pad(d), _MAX_BLOCK_DX)
+    if _use_tma_backward(x, y):
+        _row_gradient_tma(x, y, scale, out_mult, lse_row, lse_col, dx, gs, dx_cols,
+                          row_offset=row_offset, mode=mode)  # fmt: skip
+        return dx, gs
     blocks = {**_INTERPRET_BLOCKS, "DX_SPLIT": _INTERPRET_DX_SPLIT} if INTERPRETED else {}
 
     def grid(meta):
@@ -576,3 +689,47 @@ def row_gradient(
         **blocks,
     )
     return dx, gs
+
+
+def _use_tma_backward(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """MEGABATCH_TRITON_WS=1 and TMA can read both: 16-byte aligned rows, whole rows that
+    fit the configs (D_PAD * element size <= 1 KB), and at least _TMA_MIN_D_PAD columns."""
+    if os.environ.get(TMA_BACKWARD_ENV, "0") != "1":
+        return False
+    d_pad, size = _d_pad(x.shape[1]), x.element_size()
+    return (
+        (x.shape[1] * size) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and y.data_ptr() % 16 == 0
+        and _TMA_MIN_D_PAD <= d_pad
+        and d_pad * size <= _WHOLE_ROWS_MAX_BYTES
+    )
+
+
+def _row_gradient_tma(x, y, scale, out_mult, lse_row, lse_col, dx, gs, dx_cols, *,
+                      row_offset, mode):  # fmt: skip
+    """row_gradient through _row_gradient_tma_kernel, writing dx and gs."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, d = x.shape
+    n = y.shape[0]
+    d_pad = _d_pad(d)
+    # Block shapes are the pre-hook's to set per config; these fit the interpreter's.
+    blocks = {"BLOCK_M": _INTERPRET_BLOCKS["BLOCK_M"], "BLOCK_N": _INTERPRET_BLOCKS["BLOCK_N"],
+              "DX_SPLIT": _INTERPRET_DX_SPLIT, "WARP_SPECIALIZE": True}  # fmt: skip
+    x_desc = TensorDescriptor(x, [m, d], [x.stride(0), 1], [blocks["BLOCK_M"], d_pad])
+    y_desc = TensorDescriptor(y, [n, d], [y.stride(0), 1], [blocks["BLOCK_N"], d_pad])
+    y_dx_desc = TensorDescriptor(
+        y, [n, d], [y.stride(0), 1], [blocks["BLOCK_N"], dx_cols // blocks["DX_SPLIT"]]
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, dx_cols // meta["DX_SPLIT"]))
+
+    kernel = _row_gradient_tma_kernel if INTERPRETED else _row_gradient_tma_tuned
+    kernel[grid](
+        x_desc, y_desc, y_dx_desc, scale, out_mult, lse_row.contiguous(), lse_col.contiguous(),
+        dx, gs, m, n, d, dx.stride(0), row_offset, _n_bucket(n),
+        MODE=mode, D_PAD=d_pad, DX_COLS=dx_cols, INPUT_PRECISION=_input_precision(x.dtype),
+        **(blocks if INTERPRETED else {}),
+    )  # fmt: skip

@@ -13,9 +13,10 @@ forward frees before the gradients exist (the Triton forward's per-program colum
 partials, programs x N fp32), which one peak less the gradients would hide.
 
 CPU memory is the process's resident-set high-water mark (VmHWM), reset before the
-forward and again before the backward (/proc/self/clear_refs), so that the features'
-own temporaries, made and freed before the call, do not hide the loss's scratch; each
-case runs in a fresh subprocess. GPU memory is torch.cuda.max_memory_allocated. A case
+forward and again before the backward (/proc/self/clear_refs) after freed heap memory is
+handed back (malloc_trim), so that memory freed before the call (the features'
+temporaries, the warm-up's tiles) neither hides nor is mistaken for the loss's scratch;
+each case runs in a fresh subprocess. GPU memory is torch.cuda.max_memory_allocated. A case
 whose estimated need exceeds the free memory is reported as skipped, not run: the
 reference needs about 16 N^2 bytes (fp32 logits, two log-softmaxes and their gradients).
 """
@@ -23,6 +24,7 @@ reference needs about 16 N^2 bytes (fp32 logits, two log-softmaxes and their gra
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import json
 import os
@@ -117,6 +119,12 @@ def _measure_cpu(loss: str, backend: str, n: int, d: int, dtype: str) -> dict:
 
 
 def _reset_peak_rss() -> None:
+    # Hand freed heap memory back first (glibc's malloc_trim): pages freed but kept
+    # resident would otherwise be reused without raising the peak, hiding scratch.
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then read low
+        pass
     # "5" resets this process's VmHWM to its current RSS (Linux >= 4.0).
     try:
         Path("/proc/self/clear_refs").write_text("5")

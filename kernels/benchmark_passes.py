@@ -9,12 +9,17 @@ the autotuner kept and the time of every candidate it tried, beside two rows tha
 not passes of the loss: the forward without CLIP's column statistics (what those cost)
 and a cuBLAS product S = A Bᵀ of the same shape (a ceiling for one pass over S). Writes
 the tables to docs/benchmarks-passes.md (--output).
+
+Then, written after the rest so that a failure or a hang there loses none of it, the dA
+pass once more through the experimental TMA + warp-specialised backward
+(MEGABATCH_TRITON_WS=1; kernels/_contrastive_triton.py), with its candidates.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 
@@ -34,11 +39,13 @@ def _features(n: int, d: int):
 
 def _config_name(config) -> str:
     kw = config.kwargs
-    k = "whole" if kw["BLOCK_K"] == K.WHOLE_ROWS else str(kw["BLOCK_K"])
+    block_k = kw.get("BLOCK_K", K.WHOLE_ROWS)  # the TMA kernel always loads whole rows
+    k = "whole" if block_k == K.WHOLE_ROWS else str(block_k)
     split = f", dX split {kw['DX_SPLIT']}" if kw.get("DX_SPLIT", 1) > 1 else ""
+    specialised = ", warp-specialised" if kw.get("WARP_SPECIALIZE") else ""
     return (
         f"{kw['BLOCK_M']}x{kw['BLOCK_N']}, K {k}, {config.num_warps} warps, "
-        f"{config.num_stages} stages{split}"
+        f"{config.num_stages} stages{split}{specialised}"
     )
 
 
@@ -122,18 +129,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table)
     print(candidates)
-    body = (
+    head = (
         f"# Per-pass kernel times\n\n{dt.date.today().isoformat()}, "
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}. N = {n:,}, D = {d}, "
         f"bf16. Command: `python -m kernels.benchmark_passes "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
         f"{table}\n\n{candidates}\n"
     )
-    tmp = args.output.with_suffix(".md.tmp")
-    tmp.write_text(body)
-    tmp.replace(args.output)
-    print(f"wrote {args.output}", file=sys.stderr)
+    _write(args.output, head)
+    experiment = _tma_backward(grad_a, 2 * s_flops)
+    print(experiment)
+    _write(args.output, f"{head}\n{experiment}\n")
     return 0
+
+
+def _write(path: Path, body: str) -> None:
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(body)
+    tmp.replace(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _tma_backward(grad_a, flops: float) -> str:
+    """The dA pass through the experimental TMA + warp-specialised kernel, as a table."""
+    title = "## Experimental: the dA pass through the TMA backward (MEGABATCH_TRITON_WS=1)\n\n"
+    os.environ[K.TMA_BACKWARD_ENV] = "1"
+    try:
+        grad_a()  # autotunes the TMA kernel at this shape
+        ms = do_bench(grad_a, warmup=25, rep=200, return_mode="median")
+    except Exception as exc:  # a new kernel path: report it, keep the tables above
+        return f"{title}failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        del os.environ[K.TMA_BACKWARD_ENV]
+    tuned = K._row_gradient_tma_tuned
+    return (
+        f"{title}| pass | ms | TFLOP/s (its own FLOPs) | config |\n|---|---:|---:|---|\n"
+        f"| row_gradient dA, TMA | {ms:.2f} | {flops / ms / 1e9:.1f} | "
+        f"{_config_name(tuned.best_config)} |\n\nCandidates (median ms): {_candidates(tuned)}"
+    )
 
 
 if __name__ == "__main__":

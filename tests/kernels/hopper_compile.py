@@ -75,23 +75,47 @@ def main() -> None:
         ("row_gradient", K._row_gradient_kernel, bwd_pointers,
          {**common, "stride_dx": D, "MODE": K.MODE_CLIP, "DX_COLS": D}, K._BWD_CONFIGS),
     ]  # fmt: skip
+    # The experimental TMA backward: descriptors' types carry each config's block shapes.
+    tma_constexprs = {"D_PAD": D, "MODE": K.MODE_CLIP, "DX_COLS": D, "INPUT_PRECISION": "ieee"}
+    tma_pointers = {"SCALE": "*fp32", "OUT_MULT": "*fp32", "LSE_ROW": "*fp32",
+                    "LSE_COL": "*fp32", "DX": bf16, "GS": "*fp32"}  # fmt: skip
     for name, kernel, pointers, constexprs, configs in jobs:
         for config in configs:
             compiled = _compile(kernel, pointers, constexprs, config)
-            report = {
-                "kernel": name,
-                "config": {
-                    **config.kwargs,
-                    "num_warps": config.num_warps,
-                    "num_stages": config.num_stages,
-                },  # fmt: skip
-                "wgmma": "wgmma" in compiled.asm["ptx"],
-                # log2s by the special-function unit, not libdevice's polynomial
-                "lg2_approx": "lg2.approx.f32" in compiled.asm["ptx"],
-                "shared_bytes": compiled.metadata.shared,
-                **_ptxas_report(compiled.asm["ptx"]),
-            }
-            print(json.dumps(report), flush=True)
+            _report(name, config, compiled)
+    for config in K._TMA_BWD_CONFIGS:
+        c = config.kwargs
+        block_dx = D // c["DX_SPLIT"]
+        descriptors = {
+            "x_desc": f"tensordesc<bf16[{c['BLOCK_M']}, {D}]>",
+            "y_desc": f"tensordesc<bf16[{c['BLOCK_N']}, {D}]>",
+            "y_dx_desc": f"tensordesc<bf16[{c['BLOCK_N']}, {block_dx}]>",
+        }
+        compiled = _compile(K._row_gradient_tma_kernel, {**tma_pointers, **descriptors},
+                            {**tma_constexprs, "D": D}, config)  # fmt: skip
+        _report("row_gradient_tma", config, compiled)
+
+
+def _report(name, config, compiled) -> None:
+    """One JSON line per compiled kernel."""
+    ptx = compiled.asm["ptx"]
+    report = {
+        "kernel": name,
+        "config": {
+            **config.kwargs,
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+        },  # fmt: skip
+        "wgmma": "wgmma" in ptx,
+        # automatic warp specialisation took (load / MMA / softmax partitions)
+        "warp_specialized": "ttg.warp_specialize" in compiled.asm["ttgir"],
+        "num_warps": compiled.metadata.num_warps,
+        # log2s by the special-function unit, not libdevice's polynomial
+        "lg2_approx": "lg2.approx.f32" in ptx,
+        "shared_bytes": compiled.metadata.shared,
+        **_ptxas_report(ptx),
+    }
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,32 @@ def test_triton_backward_with_dx_columns_split(loss_name, monkeypatch):
     _assert_matches(got, want, _multiplier(loss_name, s))
 
 
+@pytest.mark.parametrize("dx_split", [1, 2])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_triton_tma_backward(loss_name, dx_split, monkeypatch):
+    # The experimental TMA kernel (MEGABATCH_TRITON_WS=1): D = 48 pads to 64 columns and
+    # N = 100 leaves ragged 32 x 64 tiles, so the descriptors' zero fill past N and past
+    # D is what keeps the sums right. D = 46 (184-byte rows) is no TMA stride: it falls
+    # back to the plain kernel, with the same result.
+    from kernels import _contrastive_triton as K
+
+    monkeypatch.setenv(K.TMA_BACKWARD_ENV, "1")
+    # BLOCK_K: the fallback's K-chunks (the TMA kernel always loads whole rows).
+    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32})
+    monkeypatch.setattr(K, "_INTERPRET_DX_SPLIT", dx_split)
+    used = []
+    real = K._row_gradient_tma
+    monkeypatch.setattr(K, "_row_gradient_tma", lambda *a, **k: used.append(1) or real(*a, **k))
+    fn, ref, s = LOSSES[loss_name]
+    for d, tma in ((48, True), (46, False)):
+        used.clear()
+        a, b = _features(100, d, seed=13)
+        got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="triton")
+        want = _loss_and_grads(ref, a, b, torch.tensor(s))
+        _assert_matches(got, want, _multiplier(loss_name, s))
+        assert bool(used) == tma
+
+
 def test_autotune_splits_dx_columns_only_for_wide_rows():
     from kernels import _contrastive_triton as K
 

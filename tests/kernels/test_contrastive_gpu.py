@@ -132,3 +132,25 @@ def test_no_quadratic_memory_at_65536(loss_name):
     outputs = ga.numel() * ga.element_size() + gb.numel() * gb.element_size()
     backward_extra = torch.cuda.max_memory_allocated() - before - outputs
     assert max(forward_extra, backward_extra) < 64 * 2**20, (forward_extra, backward_extra)
+
+
+# The experimental TMA + warp-specialised backward (MEGABATCH_TRITON_WS=1). A new kernel
+# path can hang on the GPU: the thread-method timeout then ends this test's process
+# (with -n, only its worker) instead of blocking the whole check.
+@pytest.mark.timeout(150, method="thread")
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_tma_backward_matches_the_plain_kernel(loss_name, monkeypatch):
+    from kernels import _contrastive_triton as K
+
+    fn, _, s = LOSSES[loss_name]
+    a, b = _features(16384, 512, torch.bfloat16)
+    want = _loss_and_grads(fn, a, b, s, backend="triton")
+    monkeypatch.setenv(K.TMA_BACKWARD_ENV, "1")
+    assert K._use_tma_backward(a, b)
+    got = _loss_and_grads(fn, a, b, s, backend="triton")
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the same forward
+    # Both gradients are fp32 sums in different orders, rounded to bf16 once.
+    _, grad_rtol = TOLERANCES["bf16"]
+    for g, w in zip(got[1:], want[1:], strict=True):
+        atol = grad_rtol * w.abs().max().item()
+        torch.testing.assert_close(g.float(), w.float(), rtol=grad_rtol, atol=atol)
