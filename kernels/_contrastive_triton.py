@@ -692,13 +692,17 @@ def row_gradient(
 
 
 def _use_tma_backward(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """MEGABATCH_TRITON_WS=1 and TMA can read both: 16-byte aligned rows, whole rows that
-    fit the configs (D_PAD * element size <= 1 KB), and at least _TMA_MIN_D_PAD columns."""
+    """MEGABATCH_TRITON_WS=1, inputs for the tensor cores (bf16, fp16, fp32 with TF32; any
+    under the interpreter, which checks the maths only), and TMA can read them: 16-byte
+    aligned rows, whole rows that fit the configs (D_PAD * element size <= 1 KB), and at
+    least _TMA_MIN_D_PAD columns."""
     if os.environ.get(TMA_BACKWARD_ENV, "0") != "1":
         return False
     d_pad, size = _d_pad(x.shape[1]), x.element_size()
+    tensor_cores = size == 2 or _input_precision(x.dtype) == "tf32"
     return (
-        (x.shape[1] * size) % 16 == 0
+        (tensor_cores or INTERPRETED)
+        and (x.shape[1] * size) % 16 == 0
         and x.data_ptr() % 16 == 0
         and y.data_ptr() % 16 == 0
         and _TMA_MIN_D_PAD <= d_pad
