@@ -1,7 +1,7 @@
 """With a process group, the loss and every gradient equal one process on the whole batch.
 
-Two gloo ranks each hold a slice of a seeded global batch (equal and unequal slices),
-call the loss with process_group, and back-propagate; the single-process loss on the
+Two gloo ranks each hold a slice of a seeded global batch (equal and unequal slices; each
+rank's two sides in one buffer, the trainer's layout), call the loss with process_group, and back-propagate; the single-process loss on the
 concatenated batch, computed here with the full-logits reference, must match, and each
 rank's feature gradients must equal the matching rows of the single-process gradients.
 Tolerance: fp32, the same sums in a different order (see test_contrastive.py).
@@ -34,8 +34,11 @@ def _rank_step(rank, world_size, loss_name, backend, counts):
     fn, _, s = LOSSES[loss_name]
     a, b = _global_batch(sum(counts))
     start = sum(counts[:rank])
-    a_local = a[start : start + counts[rank]].clone().requires_grad_()
-    b_local = b[start : start + counts[rank]].clone().requires_grad_()
+    # Local features as the trainer hands them: both sides halves of one buffer (NT-Xent
+    # stacks them without a copy).
+    rows = slice(start, start + counts[rank])
+    a_local, b_local = torch.cat([a[rows], b[rows]]).split(counts[rank])
+    a_local.requires_grad_(), b_local.requires_grad_()
     scale = torch.tensor(s, requires_grad=True)
     loss = fn(a_local, b_local, scale, process_group=dist.group.WORLD, backend=backend)
     loss.backward()
