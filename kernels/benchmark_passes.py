@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{table}\n\n{candidates}\n"
     )
     _write(args.output, head)
-    experiment = _tma_backward(grad_a, 2 * s_flops)
+    experiment = _tma_backward(grad_a, a, b, 2 * s_flops)
     print(experiment)
     _write(args.output, f"{head}\n{experiment}\n")
     return 0
@@ -150,11 +150,13 @@ def _write(path: Path, body: str) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _tma_backward(grad_a, flops: float) -> str:
+def _tma_backward(grad_a, a, b, flops: float) -> str:
     """The dA pass through the experimental TMA + warp-specialised kernel, as a table."""
     title = "## Experimental: the dA pass through the TMA backward (MEGABATCH_TRITON_WS=1)\n\n"
     os.environ[K.TMA_BACKWARD_ENV] = "1"
     try:
+        if not K._use_tma_backward(a, b):  # else grad_a would time the plain kernel
+            return f"{title}not applicable to these features (TMA alignment or width)"
         grad_a()  # autotunes the TMA kernel at this shape
         ms = do_bench(grad_a, warmup=25, rep=200, return_mode="median")
     except Exception as exc:  # a new kernel path: report it, keep the tables above
