@@ -276,11 +276,7 @@ def _row_gradient_kernel(
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
-    half = M // 2
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    lse_row = tl.load(LSE_ROW + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    pos = _positive_column(rows, row_offset, half, MODE)
+    rows, lse_row, pos = _gradient_rows(LSE_ROW, M, row_offset, pid_m, BLOCK_M, MODE)
     dcols = pid_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
     if BLOCK_K >= D_PAD:
         tl.static_assert(BLOCK_DX == D_PAD, "whole rows: one program owns all of dX's row")
@@ -304,6 +300,15 @@ def _row_gradient_kernel(
         # casts P before P @ V); the 1 / (2N) factor is applied after, in fp32.
         acc = tl.dot(w.to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
     _store_row_gradient(acc, gs, OUT_MULT, DX, GS, rows, dcols, M, D, stride_dx, pid_d)
+
+
+@triton.jit
+def _gradient_rows(LSE_ROW, M, row_offset, pid_m, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
+    """Row block pid_m of a backward program: its row indices, their log-sum-exps in log2
+    units, and their positive columns."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lse_row = tl.load(LSE_ROW + rows, mask=rows < M, other=0.0) * 1.4426950408889634
+    return rows, lse_row, _positive_column(rows, row_offset, M // 2, MODE)
 
 
 @triton.jit
@@ -372,9 +377,7 @@ def _row_gradient_tma_kernel(
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     scale_log2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    lse_row = tl.load(LSE_ROW + rows, mask=rows < M, other=0.0) * 1.4426950408889634
-    pos = _positive_column(rows, row_offset, M // 2, MODE)
+    rows, lse_row, pos = _gradient_rows(LSE_ROW, M, row_offset, pid_m, BLOCK_M, MODE)
     x = x_desc.load([pid_m * BLOCK_M, 0])  # (BLOCK_M, D_PAD), on chip throughout
     acc = tl.zeros((BLOCK_M, BLOCK_DX), dtype=tl.float32)
     gs = tl.zeros((BLOCK_M,), dtype=tl.float32)
