@@ -112,10 +112,41 @@ def row_logsumexp(
             s[diag] = float("-inf")
         hit_rows, hit_cols = tiling.positive_entries(r0, r1, c0, c1)
         positive[r0 + hit_rows] = s[hit_rows, hit_cols]
-        lse_row[r0:r1] = torch.logaddexp(lse_row[r0:r1], torch.logsumexp(s, dim=1))
+        tile_row, tile_col = _tile_logsumexps(s, with_col)
+        lse_row[r0:r1] = torch.logaddexp(lse_row[r0:r1], tile_row)
         if with_col:
-            col[c0:c1] = torch.logaddexp(col[c0:c1], torch.logsumexp(s, dim=0))
+            col[c0:c1] = torch.logaddexp(col[c0:c1], tile_col)
     return lse_row, positive, col
+
+
+# A column sum computed from the rows' exponentials is trusted down to this (in units of
+# the tile's largest exp): see _tile_logsumexps.
+_MIN_SHARED_COLUMN_SUM = 2.0**-64
+
+
+def _tile_logsumexps(s: torch.Tensor, with_col: bool):
+    """(R,) row and, if with_col, (C,) column log-sum-exps of one (R, C) tile of logits,
+    with one exp per logit: the columns reuse the rows' E_ij = exp(S_ij - m_i),
+
+        sum_i exp(S_ij - t) = (f^T E)_j,   f_i = exp(m_i - t),  t = max_i m_i,
+
+    a matrix-vector product instead of a second pass of exps. Terms lost to underflow are
+    each below fp32's smallest normal (relative to exp(t)), so a column sum of at least
+    2^-64 is exact to ~2^-55; smaller ones (a column about 44 or more below the tile's
+    top logit) are recomputed with their own max."""
+    top = s.amax(dim=1)  # (R,); -inf for a row with every entry masked (NT-Xent)
+    shift = top.nan_to_num(neginf=0.0)  # such a row: e = 0, its lse log(0) = -inf
+    e = torch.sub(s, shift[:, None]).exp_()
+    rows = e.sum(dim=1).log_().add_(shift)
+    if not with_col:
+        return rows, None
+    t = top.max().nan_to_num(neginf=0.0)
+    col_sum = torch.sub(top, t).exp_() @ e  # (C,)
+    cols = col_sum.log().add_(t)
+    low = col_sum < _MIN_SHARED_COLUMN_SUM
+    if low.any():
+        cols[low] = torch.logsumexp(s[:, low], dim=0)
+    return rows, cols
 
 
 def row_gradient(

@@ -128,6 +128,43 @@ def _positive_column(rows, row_offset, HALF, MODE: tl.constexpr):
     return pos
 
 
+# A column sum computed from the row pass's exponentials is trusted down to 2^-64 (in
+# units of the tile's largest exp2): see _column_log2sumexp2_shared.
+_MIN_SHARED_COLUMN_SUM = tl.constexpr(2.0**-64)
+
+
+@triton.jit
+def _column_log2sumexp2(s):
+    """log2 sum_i exp2(s_ij) of each column of one (BLOCK_M, BLOCK_N) tile of logits (log2
+    units; masked entries -inf), shifted by each column's own max."""
+    c_max = tl.max(s, axis=0)
+    c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+    return c_safe + _log2_fast(tl.sum(tl.exp2(s - c_safe[None, :]), axis=0))
+
+
+@triton.jit
+def _column_log2sumexp2_shared(s, e, tile_max, col_ok):
+    """_column_log2sumexp2 from the row pass's e_ij = exp2(s_ij - tile_max_i):
+
+        sum_i exp2(s_ij - t) = sum_i e_ij * exp2(tile_max_i - t),   t = max_i tile_max_i,
+
+    one multiply per logit where the column's own max would cost a second exp2 and a
+    max reduced across warps. Every term lost to underflow (e_ij, or a row's weight,
+    below fp32's 2^-126) is under 2^-126, so a column sum of at least 2^-64 is accurate
+    to ~2^-55 relative. A tile with a smaller column sum (a column whose largest logit is
+    about 44 or more below the tile's top) is redone with each column's own max.
+    """
+    t = tl.max(tile_max)
+    t = tl.where(t == float("-inf"), 0.0, t)
+    row_weight = tl.exp2(tile_max - t)  # (BLOCK_M,) <= 1; 0 for rows masked out
+    col_sum = tl.sum(e * row_weight[:, None], axis=0)  # (BLOCK_N,)
+    if tl.min(tl.where(col_ok, col_sum, 1.0)) >= _MIN_SHARED_COLUMN_SUM:
+        tile_lse = t + _log2_fast(col_sum)
+    else:
+        tile_lse = _column_log2sumexp2(s)
+    return tile_lse
+
+
 # Sizes and offsets change from call to call: compiling a variant per divisibility class
 # of each would multiply compile time for nothing. Strides (hence D) stay specialised:
 # they decide whether loads are vectorised.
@@ -165,6 +202,7 @@ def _row_logsumexp_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ONE_EXP: tl.constexpr,  # config: columns reuse the rows' exp2s (_column_log2sumexp2_shared)
     INPUT_PRECISION: tl.constexpr,
 ):
     # One pass over S computes both directions' statistics:
@@ -209,18 +247,28 @@ def _row_logsumexp_kernel(
 
             # Rows: rescale the running sum to the new running max. A row whose tile is
             # fully masked keeps m = -inf; subtracting 0 instead avoids (-inf) - (-inf).
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            tile_max = tl.max(s, axis=1)  # (BLOCK_M,)
+            m_new = tl.maximum(m_i, tile_max)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            if WITH_COL and ONE_EXP:
+                # The tile's own row maxima shift its exp2s, so the columns can reuse
+                # them; the tile's (max, sum) joins (m_i, l_i) by log-add-exp (a fully
+                # masked row: shift 0, adds 0 * exp2(-inf) = 0).
+                e = tl.exp2(s - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
+                tile_sum = tl.sum(e, axis=1) * tl.exp2(tile_max - m_safe)
+            else:
+                tile_sum = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tile_sum
             m_i = m_new
 
             if (col_start <= pos_hi) & (col_start + BLOCK_N > pos_lo):
                 p_i += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
 
             if WITH_COL:
-                c_max = tl.max(s, axis=0)
-                c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
-                tile_lse = c_safe + _log2_fast(tl.sum(tl.exp2(s - c_safe[None, :]), axis=0))
+                if ONE_EXP:
+                    tile_lse = _column_log2sumexp2_shared(s, e, tile_max, col_ok)
+                else:
+                    tile_lse = _column_log2sumexp2(s)
                 part = COL_PART + pid * N + cols
                 old = tl.load(part, mask=col_ok, other=float("-inf"))
                 hi = tl.maximum(old, tile_lse)
@@ -317,7 +365,12 @@ def _gradient_weights(s, LSE_COL, lse_row, rows, cols, pos, M, N, row_offset, MO
     lse_row already in log2 units; 0 outside the matrix and (NT-Xent) on self-pairs."""
     col_ok = cols < N
     lse_col = tl.load(LSE_COL + cols, mask=col_ok, other=0.0) * 1.4426950408889634
-    # P_row + P_col, both <= 1, so no overflow for any scale.
+    # P_row + P_col, both <= 1, so no overflow for any scale. Tried and dropped: one exp2
+    # a logit, P_col = P_row * exp2(r_i - T) * exp2(T - c_j) (T the block's top lse, with
+    # a per-tile fallback). Compiled for sm_90a (64-row tiles, 8 warps) it cut MUFU ops
+    # by a fifth but added 2-10% instructions: the per-tile column factors and their
+    # range check cost what the saved exp2s did, a thread holding only 8-16 logits of a
+    # tile. (In the torch backend on a CPU it saved 2-3% of the backward.)
     w = tl.exp2(s - lse_row[:, None]) + tl.exp2(s - lse_col[None, :])
     w = tl.where(cols[None, :] == pos[:, None], w - 2.0, w)
     valid = (rows < M)[:, None] & col_ok[None, :]
@@ -408,26 +461,39 @@ def _row_gradient_tma_kernel(
 WHOLE_ROWS = 1 << 30  # BLOCK_K meaning "all of D at once"
 
 
-def _config(block_m, block_n, block_k, warps, stages, **backward_only):
+def _config(block_m, block_n, block_k, warps, stages, **kernel_specific):
     return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **backward_only},
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **kernel_specific},
         num_warps=warps,
         num_stages=stages,
     )
 
 
+def _fwd_config(block_m, block_n, block_k, warps, stages, one_exp=False):
+    return _config(block_m, block_n, block_k, warps, stages, ONE_EXP=one_exp)
+
+
+# ONE_EXP (the columns reuse the rows' exp2s, with a per-tile branch back to their own
+# where that would be inexact) is offered on the two configs that were fastest without
+# it (docs/benchmarks-passes.md). Compiled for sm_90a (tests/kernels/hopper_compile.py),
+# with the fallback compiled out, they have 16% fewer instructions and 23% fewer MUFU ops
+# than their twins (static counts: 2,648 against 3,144 and 198 against 258 at 3 stages),
+# but use more registers (255 against 231) and hold a branch: whether that is faster,
+# the autotuner finds out on the GPU.
 _FWD_CONFIGS = [
     # K-chunked
-    _config(128, 128, 64, 8, 3),
-    _config(128, 128, 64, 8, 4),
-    _config(128, 128, 128, 8, 3),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 64, 64, 4, 3),
+    _fwd_config(128, 128, 64, 8, 3),
+    _fwd_config(128, 128, 64, 8, 4),
+    _fwd_config(128, 128, 128, 8, 3),
+    _fwd_config(128, 64, 64, 4, 4),
+    _fwd_config(64, 64, 64, 4, 3),
+    _fwd_config(128, 128, 64, 8, 3, one_exp=True),
+    _fwd_config(128, 128, 64, 8, 4, one_exp=True),
     # whole rows
-    _config(64, 64, WHOLE_ROWS, 4, 2),
-    _config(64, 32, WHOLE_ROWS, 4, 3),
-    _config(128, 32, WHOLE_ROWS, 8, 2),
-    _config(128, 64, WHOLE_ROWS, 8, 1),
+    _fwd_config(64, 64, WHOLE_ROWS, 4, 2),
+    _fwd_config(64, 32, WHOLE_ROWS, 4, 3),
+    _fwd_config(128, 32, WHOLE_ROWS, 8, 2),
+    _fwd_config(128, 64, WHOLE_ROWS, 8, 1),
 ]
 _BWD_CONFIGS = [
     # K-chunked
@@ -449,6 +515,7 @@ _MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS)
 # BLOCK_K to WHOLE_ROWS to run the other loading scheme.
 _INTERPRET_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
 _INTERPRET_DX_SPLIT = 1
+_INTERPRET_ONE_EXP = True  # forward; tests switch it off to run the other column path
 _MAX_BLOCK_DX = 512  # fp32 accumulator columns per program in the backward
 _MIN_SPLIT_DX_COLS = 256  # halving dX's columns pays (if at all) only for wide rows
 
@@ -461,7 +528,9 @@ def _prune(configs, named_args, **kwargs):
     percent of the bf16 rate: the block shapes above were chosen for the tensor cores,
     and timing them all there took minutes (on an H200, two gpu tests at N = 16,384
     passed their 120 s limit), so that path gets the smallest K-chunked config alone.
-    Configs that split dX's columns only where a program would hold 256 of them or more.
+    Configs that split dX's columns only where a program would hold 256 of them or more;
+    ONE_EXP configs only where there are column statistics (without, they are the same
+    kernel as their twins: compiling and timing them would be wasted).
     """
     element_size = named_args["X"].element_size()
     if element_size == 4 and kwargs["INPUT_PRECISION"] == "ieee":
@@ -470,11 +539,13 @@ def _prune(configs, named_args, **kwargs):
         return [min(chunked, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     fits = kwargs["D_PAD"] * element_size <= _WHOLE_ROWS_MAX_BYTES
     wide = kwargs.get("DX_COLS", 0) >= _MIN_SPLIT_DX_COLS
+    columns = kwargs.get("WITH_COL", False)
     return [
         c
         for c in configs
         if (fits or c.kwargs["BLOCK_K"] != WHOLE_ROWS)
         and (wide or c.kwargs.get("DX_SPLIT", 1) == 1)
+        and (columns or not c.kwargs.get("ONE_EXP", False))
     ]
 
 
@@ -581,7 +652,7 @@ def row_logsumexp(
     lse_row = torch.empty(m, device=x.device, dtype=torch.float32)
     positive = torch.empty(m, device=x.device, dtype=torch.float32)
     if INTERPRETED:
-        blocks = _INTERPRET_BLOCKS
+        blocks = {**_INTERPRET_BLOCKS, "ONE_EXP": _INTERPRET_ONE_EXP}
         programs = triton.cdiv(m, blocks["BLOCK_M"])
         if with_col:
             programs = min(programs, 4)

@@ -43,9 +43,10 @@ def _config_name(config) -> str:
     k = "whole" if block_k == K.WHOLE_ROWS else str(block_k)
     split = f", dX split {kw['DX_SPLIT']}" if kw.get("DX_SPLIT", 1) > 1 else ""
     specialised = ", warp-specialised" if kw.get("WARP_SPECIALIZE") else ""
+    one_exp = ", one exp2" if kw.get("ONE_EXP") else ""
     return (
         f"{kw['BLOCK_M']}x{kw['BLOCK_N']}, K {k}, {config.num_warps} warps, "
-        f"{config.num_stages} stages{split}{specialised}"
+        f"{config.num_stages} stages{split}{specialised}{one_exp}"
     )
 
 

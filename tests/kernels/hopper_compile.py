@@ -4,8 +4,10 @@
 
 Triton compiles ahead of time for any target with the ptxas it ships, so CI can check
 what a GPU session would otherwise discover first: that every autotune config compiles,
-uses wgmma (Hopper's tensor-core instruction), and how much ptxas spills. Run in a
-process without TRITON_INTERPRET, which would replace the kernels by interpreted ones.
+uses wgmma (Hopper's tensor-core instruction), and how much ptxas spills. Each line also
+counts the machine code (cuobjdump -sass): with no GPU at hand, the one measure of how
+much work a kernel change adds or removes. Run in a process without TRITON_INTERPRET,
+which would replace the kernels by interpreted ones.
 """
 
 import json
@@ -22,7 +24,9 @@ from kernels import _contrastive_triton as K
 
 D = 512
 TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS = os.path.join(_BIN, "ptxas")
+CUOBJDUMP = os.path.join(_BIN, "cuobjdump")
 
 
 def _signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -48,18 +52,39 @@ def _compile(kernel, pointers, constexprs, config):
 
 def _ptxas_report(ptx: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
+        path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(path, "w") as f:
             f.write(ptx)
         out = subprocess.run(
-            [PTXAS, "--gpu-name", "sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+            [PTXAS, "--gpu-name", "sm_90a", "-v", path, "-o", cubin],
             capture_output=True,
             text=True,
             check=True,
         ).stderr
+        sass = subprocess.run(
+            [CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
     regs = [int(n) for n in re.findall(r"Used (\d+) registers", out)]
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", out)]
-    return {"registers": max(regs, default=0), "spill_store_bytes": max(spills, default=0)}
+    return {
+        "registers": max(regs, default=0),
+        "spill_store_bytes": max(spills, default=0),
+        **_sass_counts(sass),
+    }
+
+
+def _sass_counts(sass: str) -> dict:
+    """Static counts over the kernel's machine code (each instruction once, loops or not):
+    a GPU-free proxy for the work a change adds or removes. MUFU is the special-function
+    unit (ex2, lg2: an eighth of the FP32 rate on sm_90), BAR a block-wide barrier (what
+    cross-warp reductions cost in latency), HGMMA a wgmma."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return {
+        "sass_instructions": len(ops),
+        "sass_mufu": sum(op == "MUFU" for op in ops),
+        "sass_bar": sum(op == "BAR" for op in ops),
+        "sass_hgmma": sum(op == "HGMMA" for op in ops),
+    }
 
 
 def main() -> None:

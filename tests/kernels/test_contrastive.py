@@ -83,6 +83,43 @@ def test_scale_100_does_not_overflow(loss_name, backend):
     _assert_matches(got, want, 100.0, loss_atol=1e-4)
 
 
+def _spread_features(n=100, d=16, far_from=80):
+    """Features whose logits at scale 100 spread beyond what one shared shift holds: every
+    a_i near a direction u, partners b_j near a_j for j < far_from and near -u after,
+    so those columns' logits (about -95) sit about 190 below the top of a tile they
+    share with near columns (about 99)."""
+    g = torch.Generator().manual_seed(5)
+    u = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    a = F.normalize(u + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    b = F.normalize(a + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    b[far_from:] = F.normalize(-u + 0.05 * torch.randn(n - far_from, d, generator=g,
+                                                      dtype=torch.float64), dim=1)  # fmt: skip
+    return a.float().requires_grad_(), b.float().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton one exp2", "triton two exp2s"])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_logits_spread_past_one_shared_shift(loss_name, backend, monkeypatch):
+    # The forward's column sums reuse the rows' exponentials, one shift per tile (torch
+    # backend, Triton's ONE_EXP configs), and fall back to each column's own max in a
+    # tile where a column's terms would underflow. 32 x 64 tiles over N = 100: the tiles
+    # of columns 0-63 take the shared path, those of columns 64-99 (near and far
+    # together) the fallback. Triton without ONE_EXP takes two exponentials everywhere.
+    from kernels import _contrastive_triton as K
+
+    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 32)
+    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 64)
+    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128})
+    monkeypatch.setattr(K, "_INTERPRET_ONE_EXP", backend != "triton two exp2s")
+    backend = backend.split()[0]
+    fn, ref, _ = LOSSES[loss_name]
+    a, b = _spread_features()
+    scale = torch.tensor(100.0) if loss_name == "clip" else torch.tensor(0.01)
+    got = _loss_and_grads(fn, a, b, scale, backend=backend)
+    want = _loss_and_grads(ref, a, b, scale)
+    _assert_matches(got, want, 100.0, loss_atol=1e-4)
+
+
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_torch_backend_small_odd_tiles(loss_name, monkeypatch):
     # 3 x 7 tiles: every merge across row and column tiles, and positives and NT-Xent's
@@ -96,14 +133,17 @@ def test_torch_backend_small_odd_tiles(loss_name, monkeypatch):
     _assert_matches(got, want, _multiplier(loss_name, s))
 
 
+@pytest.mark.parametrize("one_exp", [True, False])
 @pytest.mark.parametrize("block_k", ["whole rows", 16])
 @pytest.mark.parametrize("loss_name", LOSSES)
-def test_triton_both_loading_schemes(loss_name, block_k, monkeypatch):
+def test_triton_both_loading_schemes(loss_name, block_k, one_exp, monkeypatch):
     # The sweep above runs whole rows for D <= 128 and K-chunks for D = 256 (interpreter
     # BLOCK_K = 128); here each scheme runs where the sweep runs the other, with row and
-    # column blocks that split N = 100 into ragged tiles.
+    # column blocks that split N = 100 into ragged tiles; and with one exp2 a logit (as
+    # the sweep) and two (the other autotune configs).
     from kernels import _contrastive_triton as K
 
+    monkeypatch.setattr(K, "_INTERPRET_ONE_EXP", one_exp)
     blocks = {"BLOCK_M": 32, "BLOCK_N": 64}
     blocks["BLOCK_K"] = K.WHOLE_ROWS if block_k == "whole rows" else block_k
     monkeypatch.setattr(K, "_INTERPRET_BLOCKS", blocks)
@@ -204,6 +244,19 @@ def test_autotune_keeps_whole_rows_only_where_they_fit(dtype, d_pad, whole_rows_
     assert len(kept) - len(whole) == len(chunked)
 
 
+@pytest.mark.parametrize("with_col", [True, False])
+def test_autotune_offers_one_exp_only_with_column_statistics(with_col):
+    # Without column statistics (NT-Xent) a ONE_EXP config is the same kernel as its twin.
+    from kernels import _contrastive_triton as K
+
+    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
+    kept = K._prune(K._FWD_CONFIGS, bf16, D_PAD=512, WITH_COL=with_col, INPUT_PRECISION="ieee")
+    offered = sum(c.kwargs["ONE_EXP"] for c in K._FWD_CONFIGS)
+    kept_one_exp = sum(c.kwargs["ONE_EXP"] for c in kept)
+    assert offered > 0 and kept_one_exp == (offered if with_col else 0)
+    assert len(kept) - kept_one_exp == len(K._FWD_CONFIGS) - offered
+
+
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_CONFIGS"])
 def test_autotune_times_nothing_for_ieee_fp32(configs):
     # The CUDA-core path: one config, so no timing runs (tensor-core shapes are moot there).
@@ -211,11 +264,13 @@ def test_autotune_times_nothing_for_ieee_fp32(configs):
 
     candidates = getattr(K, configs)
     fp32 = {"X": torch.empty(0, dtype=torch.float32)}
-    kept = K._prune(candidates, fp32, D_PAD=256, DX_COLS=256, INPUT_PRECISION="ieee")
+    kept = K._prune(candidates, fp32, D_PAD=256, DX_COLS=256, WITH_COL=True,
+                    INPUT_PRECISION="ieee")  # fmt: skip
     assert len(kept) == 1 and kept[0].kwargs["BLOCK_K"] != K.WHOLE_ROWS
     assert kept[0].kwargs.get("DX_SPLIT", 1) == 1
     bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
-    kept = K._prune(candidates, bf16, D_PAD=256, DX_COLS=256, INPUT_PRECISION="ieee")
+    kept = K._prune(candidates, bf16, D_PAD=256, DX_COLS=256, WITH_COL=True,
+                    INPUT_PRECISION="ieee")  # fmt: skip
     assert len(kept) == len(candidates)
     # fp32 with TF32 on and off are two shapes classes: neither reuses the other's choice.
     tuned = K._row_logsumexp_tuned if configs == "_FWD_CONFIGS" else K._row_gradient_tuned
