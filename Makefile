@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint format clean bench-kernels bench-data bench-train gpu-check
+.PHONY: help install test demo lint format clean bench-kernels bench-data bench-train gpu-check gpu-test gpu-bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,10 +64,21 @@ bench-train: $(STAMP) ## One CLIP step at global batch 65,536 on 2 CPU ranks: ti
 # Device time is scarce: every step runs even when one before it failed, and the exit
 # status is the first failure's. The per-pass benchmark ends with the experimental TMA
 # backward; `timeout` bounds it in case that kernel hangs (its tables are written first).
-gpu-check: ## On a CUDA machine: gpu tests, then the benchmarks -> docs/benchmarks.md, docs/benchmarks-passes.md
-	status=0; \
-	step() { "$$@" || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; }; \
-	step $(GPU_PYTHON) -m pytest -m gpu tests/kernels -p no:cacheprovider -q $(GPU_PYTEST_WORKERS); \
+# gpu-test and gpu-bench are the two halves of gpu-check, for a session that must split
+# it across two device calls (one call may run at most 10 minutes).
+RUN_ALL_STEPS = status=0; step() { "$$@" || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; }
+
+gpu-check: ## On a CUDA machine: gpu-test, then gpu-bench
+	$(RUN_ALL_STEPS); \
+	step $(MAKE) --no-print-directory gpu-test; \
+	step $(MAKE) --no-print-directory gpu-bench; \
+	exit $$status
+
+gpu-test: ## On a CUDA machine: the gpu-marked tests
+	$(GPU_PYTHON) -m pytest -m gpu tests/kernels -p no:cacheprovider -q $(GPU_PYTEST_WORKERS)
+
+gpu-bench: ## On a CUDA machine: the kernel benchmarks -> docs/benchmarks.md, docs/benchmarks-passes.md
+	$(RUN_ALL_STEPS); \
 	step $(GPU_PYTHON) -m kernels.benchmark --device cuda --losses clip,ntxent; \
 	step timeout 300 $(GPU_PYTHON) -m kernels.benchmark_passes; \
 	exit $$status

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kernels import _contrastive_torch, clip_loss, ntxent_loss
 from kernels.reference import clip_loss_reference, ntxent_loss_reference
+from tests.kernels.features import spread_features
 
 NS = [1, 2, 7, 64, 129, 1000]
 DS = [3, 64, 65, 256]
@@ -83,20 +84,6 @@ def test_scale_100_does_not_overflow(loss_name, backend):
     _assert_matches(got, want, 100.0, loss_atol=1e-4)
 
 
-def _spread_features(n=100, d=16, far_from=80):
-    """Features whose logits at scale 100 spread beyond what one shared shift holds: every
-    a_i near a direction u, partners b_j near a_j for j < far_from and near -u after,
-    so those columns' logits (about -95) sit about 190 below the top of a tile they
-    share with near columns (about 99)."""
-    g = torch.Generator().manual_seed(5)
-    u = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
-    a = F.normalize(u + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    b = F.normalize(a + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    b[far_from:] = F.normalize(-u + 0.05 * torch.randn(n - far_from, d, generator=g,
-                                                      dtype=torch.float64), dim=1)  # fmt: skip
-    return a.float().requires_grad_(), b.float().requires_grad_()
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton one exp2", "triton two exp2s"])
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_logits_spread_past_one_shared_shift(loss_name, backend, monkeypatch):
@@ -113,7 +100,7 @@ def test_logits_spread_past_one_shared_shift(loss_name, backend, monkeypatch):
     monkeypatch.setattr(K, "_INTERPRET_ONE_EXP", backend != "triton two exp2s")
     backend = backend.split()[0]
     fn, ref, _ = LOSSES[loss_name]
-    a, b = _spread_features()
+    a, b = spread_features(100, 16, far_from=80)
     scale = torch.tensor(100.0) if loss_name == "clip" else torch.tensor(0.01)
     got = _loss_and_grads(fn, a, b, scale, backend=backend)
     want = _loss_and_grads(ref, a, b, scale)

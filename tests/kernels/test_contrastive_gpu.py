@@ -13,9 +13,12 @@ Tolerances, each against the reference fed the same (rounded) inputs, its logits
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
+from kernels import _contrastive_triton as K
 from kernels import clip_loss, ntxent_loss
 from kernels.reference import clip_loss_reference, ntxent_loss_reference
+from tests.kernels.features import spread_features
 
 pytestmark = pytest.mark.gpu
 
@@ -59,13 +62,17 @@ def _loss_and_grads(fn, a, b, s, **kwargs):
 
 
 def _check(loss_name, precision, n, d):
-    fn, ref, s = LOSSES[loss_name]
+    a, b = _features(n, d, DTYPES[precision], seed=n + d)
+    _assert_matches_reference(loss_name, precision, a, b, LOSSES[loss_name][2])
+
+
+def _assert_matches_reference(loss_name, precision, a, b, s):
+    fn, ref, _ = LOSSES[loss_name]
     loss_rtol, grad_rtol = TOLERANCES[precision]
     # Where the exact gradient is 0 (N = 1: the loss is 0 whatever the features), the
     # tolerance is relative to the gradient's natural size, multiplier / 2N for unit
     # features, not to the reference's rounding noise.
-    natural = (s if loss_name == "clip" else 1 / s) / (2 * n)
-    a, b = _features(n, d, DTYPES[precision], seed=n + d)
+    natural = (s if loss_name == "clip" else 1 / s) / (2 * a.shape[0])
     got = _loss_and_grads(fn, a, b, s, backend="triton")
     # The reference never uses TF32: it is the exact fp32 answer.
     before = torch.backends.cuda.matmul.allow_tf32
@@ -91,6 +98,45 @@ def test_matches_reference(n, d, precision, loss_name, tf32_matmul):
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_tf32_matches_reference(loss_name, tf32_matmul):
     _check(loss_name, "tf32", 4096, 512)
+
+
+# Every autotune config once, whichever the autotuner would keep here: a config that
+# loses the race on this GPU and shape can win on another, so each must be right. N =
+# 1,000 leaves ragged row and column tiles for every block shape.
+def _only(monkeypatch, tuned_name, kernel, config):
+    """The launcher runs `kernel` with `config` alone where it would autotune."""
+    monkeypatch.setattr(K, tuned_name, triton.autotune([config], key=["D"])(kernel))
+
+
+def _config_id(config):
+    kw = {**config.kwargs, "warps": config.num_warps, "stages": config.num_stages}
+    return "-".join(f"{k}{'whole' if v == K.WHOLE_ROWS else v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("features", ["typical", "spread"])
+@pytest.mark.parametrize("config", K._FWD_CONFIGS, ids=_config_id)
+def test_every_forward_config_matches_reference(config, features, monkeypatch):
+    # "spread": logits at scale 100 whose far columns sit ~190 below the top of tiles
+    # they share with near ones, so ONE_EXP configs take their per-tile fallback, here
+    # where ex2.approx flushes what falls below 2^-126 to zero (the CPU interpreter
+    # keeps subnormals).
+    _only(monkeypatch, "_row_logsumexp_tuned", K._row_logsumexp_kernel, config)
+    if features == "typical":
+        a, b = _features(1000, 512, torch.bfloat16, seed=3)
+        s = LOSSES["clip"][2]
+    else:
+        a, b = (t.detach().bfloat16().requires_grad_()
+                for t in spread_features(1000, 512, far_from=900, device="cuda"))  # fmt: skip
+        s = 100.0
+    _assert_matches_reference("clip", "bf16", a, b, s)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("config", K._BWD_CONFIGS, ids=_config_id)
+def test_every_backward_config_matches_reference(config, loss_name, monkeypatch):
+    _only(monkeypatch, "_row_gradient_tuned", K._row_gradient_kernel, config)
+    a, b = _features(1000, 512, torch.bfloat16, seed=4)
+    _assert_matches_reference(loss_name, "bf16", a, b, LOSSES[loss_name][2])
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -140,8 +186,6 @@ def test_no_quadratic_memory_at_65536(loss_name):
 @pytest.mark.timeout(150, method="thread")
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_tma_backward_matches_the_plain_kernel(loss_name, monkeypatch):
-    from kernels import _contrastive_triton as K
-
     fn, _, s = LOSSES[loss_name]
     a, b = _features(16384, 512, torch.bfloat16)
     want = _loss_and_grads(fn, a, b, s, backend="triton")
