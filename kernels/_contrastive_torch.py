@@ -2,11 +2,11 @@
 
 Same primitives, maths and arguments as the Triton kernels in ``_contrastive_triton.py``
 (read its docstring for the formulas). S is visited in (TILE_ROWS, TILE_COLS) tiles:
-the largest temporary is one tile, whatever N is, and a tile of 512 x 512 fp32 (1 MB)
-stays in the CPU's cache, where the elementwise work (exp, subtract, ...) runs several
-times faster than on (rows, N) strips streamed from memory. On a GPU the tiles are
-4096 x 4096. Row statistics are merged
-across column tiles and column statistics across row tiles with log-add-exp.
+the largest temporary is one tile, whatever N is, and a tile of 1024 x 1024 fp32 (4 MB)
+stays in the CPU's last-level cache, where the elementwise work (exp, subtract, ...)
+runs several times faster than on (rows, N) strips streamed from memory. On a GPU the
+tiles are 4096 x 4096. Row statistics are merged across column tiles and column
+statistics across row tiles with log-add-exp.
 
 One primitive the Triton backend lacks: ``row_gradient(..., with_col_grad=True)`` also
 returns dL/dY from the same W tiles (dY += W^T X_rows). On a GPU that would need
@@ -24,11 +24,15 @@ MODE_CLIP = 0
 MODE_NTXENT = 1
 SUPPORTS_COLUMN_GRADIENT = True
 
-_TILE_ROWS = 512
-_TILE_COLS = 512
+# Measured on the 2-core CI-class CPU (1 MB of L2 a core, 32 MB of L3), fp32, D = 256,
+# N = 4,096-16,384: 1024 x 1024 tiles ran the forward 8-10% and the backward 4-5%
+# faster than 512 x 512 (a quarter as many rounds of small per-tile ops; medians of
+# alternating rounds), and 2048 x 2048 tiles (16 MB temporaries) 20% slower.
+_TILE_ROWS = 1024
+_TILE_COLS = 1024
 # On a GPU the torch path's cost is kernel launches (about ten per tile), not cache
-# misses: tiles 8 x 8 bigger in each direction (64 MB of fp32 logits) amortise them.
-_GPU_TILE_SCALE = 8
+# misses: tiles 4 x 4 bigger in each direction (64 MB of fp32 logits) amortise them.
+_GPU_TILE_SCALE = 4
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -110,7 +110,7 @@ def test_logits_spread_past_one_shared_shift(loss_name, backend, monkeypatch):
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_torch_backend_small_odd_tiles(loss_name, monkeypatch):
     # 3 x 7 tiles: every merge across row and column tiles, and positives and NT-Xent's
-    # self entries falling on tile edges (one 512 x 512 tile holds these whole batches).
+    # self entries falling on tile edges (one 1024 x 1024 tile holds these whole batches).
     monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 3)
     monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 7)
     fn, ref, s = LOSSES[loss_name]
