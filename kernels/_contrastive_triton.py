@@ -168,7 +168,7 @@ def _column_log2sumexp2_shared(s, e, tile_max, col_ok):
 # Sizes and offsets change from call to call: compiling a variant per divisibility class
 # of each would multiply compile time for nothing. Strides (hence D) stay specialised:
 # they decide whether loads are vectorised.
-_DYNAMIC_INTS = ["M", "N", "row_offset", "N_BUCKET"]
+_DYNAMIC_INTS = ["M", "N", "row_offset", "N_BUCKET", "DEVICE_KEY"]
 
 # Two ways to feed the tensor cores, chosen per config by BLOCK_K (see _FWD_CONFIGS):
 #   K-chunked    (BLOCK_K < D_PAD): each S tile is a loop over D in BLOCK_K slices of X
@@ -196,6 +196,7 @@ def _row_logsumexp_kernel(
     stride_y,
     row_offset,
     N_BUCKET,  # autotune key only: log2 of N, capped, so a shape class is tuned once
+    DEVICE_KEY,  # autotune key only: the GPU model (_device_key), so no other model reuses it
     MODE: tl.constexpr,
     WITH_COL: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -298,6 +299,7 @@ def _row_gradient_kernel(
     stride_dx,
     row_offset,
     N_BUCKET,
+    DEVICE_KEY,
     MODE: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -410,6 +412,7 @@ def _row_gradient_tma_kernel(
     stride_dx,
     row_offset,
     N_BUCKET,
+    DEVICE_KEY,
     MODE: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -554,14 +557,14 @@ _quick_bench = functools.partial(do_bench, warmup=5, rep=20)
 
 _row_logsumexp_tuned = triton.autotune(
     _FWD_CONFIGS,
-    key=["D", "N_BUCKET", "MODE", "WITH_COL", "INPUT_PRECISION"],  # + every tensor's dtype
+    key=["D", "N_BUCKET", "DEVICE_KEY", "MODE", "WITH_COL", "INPUT_PRECISION"],  # + dtypes
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["COL_PART"],
     do_bench=_quick_bench,
 )(_row_logsumexp_kernel)
 _row_gradient_tuned = triton.autotune(
     _BWD_CONFIGS,
-    key=["D", "N_BUCKET", "MODE", "INPUT_PRECISION"],
+    key=["D", "N_BUCKET", "DEVICE_KEY", "MODE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_quick_bench,
 )(_row_gradient_kernel)
@@ -599,7 +602,7 @@ _TMA_BWD_CONFIGS = [
 _TMA_MIN_D_PAD = 64  # halved, 32 dX columns: tl.dot's N must be >= 16
 _row_gradient_tma_tuned = triton.autotune(
     _TMA_BWD_CONFIGS,
-    key=["D", "N_BUCKET", "MODE", "INPUT_PRECISION"],
+    key=["D", "N_BUCKET", "DEVICE_KEY", "MODE", "INPUT_PRECISION"],
     do_bench=_quick_bench,
 )(_row_gradient_tma_kernel)
 
@@ -621,9 +624,22 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-@functools.cache
 def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _device_properties(device_index).multi_processor_count
+
+
+def _device_key(x: torch.Tensor) -> int:
+    """The GPU model in one int, for the autotune keys: a config chosen on one model
+    (its shared memory, its SM count) is not reused on another in the same process."""
+    if x.device.type != "cuda":
+        return 0
+    props = _device_properties(x.device.index or 0)
+    return (props.major * 10 + props.minor) * 1000 + props.multi_processor_count
+
+
+@functools.cache
+def _device_properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
 
 
 def _check_runnable(x: torch.Tensor) -> None:
@@ -688,6 +704,7 @@ def row_logsumexp(
         y.stride(0),
         row_offset,
         _n_bucket(n),
+        _device_key(x),
         MODE=mode,
         WITH_COL=with_col,
         D_PAD=_d_pad(d),
@@ -756,6 +773,7 @@ def row_gradient(
         dx.stride(0),
         row_offset,
         _n_bucket(n),
+        _device_key(x),
         MODE=mode,
         D_PAD=_d_pad(d),
         DX_COLS=dx_cols,
@@ -807,7 +825,7 @@ def _row_gradient_tma(x, y, scale, out_mult, lse_row, lse_col, dx, gs, dx_cols, 
     kernel = _row_gradient_tma_kernel if INTERPRETED else _row_gradient_tma_tuned
     kernel[grid](
         x_desc, y_desc, y_dx_desc, scale, out_mult, lse_row.contiguous(), lse_col.contiguous(),
-        dx, gs, m, n, d, dx.stride(0), row_offset, _n_bucket(n),
+        dx, gs, m, n, d, dx.stride(0), row_offset, _n_bucket(n), _device_key(x),
         MODE=mode, D_PAD=d_pad, DX_COLS=dx_cols, INPUT_PRECISION=_input_precision(x.dtype),
         **(blocks if INTERPRETED else {}),
     )  # fmt: skip

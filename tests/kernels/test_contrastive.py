@@ -244,6 +244,23 @@ def test_autotune_offers_one_exp_only_with_column_statistics(with_col):
     assert len(kept) - kept_one_exp == len(K._FWD_CONFIGS) - offered
 
 
+def test_autotune_choices_are_per_gpu_model(monkeypatch):
+    # One process may drive two GPU models: a config tuned on one (its shared memory,
+    # its SM count) must not be replayed on the other.
+    from types import SimpleNamespace
+
+    from kernels import _contrastive_triton as K
+
+    models = {0: SimpleNamespace(major=9, minor=0, multi_processor_count=132),
+              1: SimpleNamespace(major=8, minor=0, multi_processor_count=108)}  # fmt: skip
+    monkeypatch.setattr(K, "_device_properties", models.__getitem__)
+    on = [SimpleNamespace(device=torch.device("cuda", i)) for i in (0, 1)]
+    assert K._device_key(on[0]) != K._device_key(on[1])
+    assert K._num_sms(1) == 108
+    for tuned in (K._row_logsumexp_tuned, K._row_gradient_tuned, K._row_gradient_tma_tuned):
+        assert "DEVICE_KEY" in tuned.keys
+
+
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_CONFIGS"])
 def test_autotune_times_nothing_for_ieee_fp32(configs):
     # The CUDA-core path: one config, so no timing runs (tensor-core shapes are moot there).
