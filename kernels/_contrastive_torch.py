@@ -27,7 +27,8 @@ SUPPORTS_COLUMN_GRADIENT = True
 # Measured on the 2-core CI-class CPU (1 MB of L2 a core, 32 MB of L3), fp32, D = 256,
 # N = 4,096-16,384: 1024 x 1024 tiles ran the forward 8-10% and the backward 4-5%
 # faster than 512 x 512 (a quarter as many rounds of small per-tile ops; medians of
-# alternating rounds), and 2048 x 2048 tiles (16 MB temporaries) 20% slower.
+# alternating rounds); 2048 x 2048 tiles (16 MB temporaries) ran about 20% slower (one
+# run).
 _TILE_ROWS = 1024
 _TILE_COLS = 1024
 # On a GPU the torch path's cost is kernel launches (about ten per tile), not cache
