@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
 
 SOURCES = ("demo", "folder", "table", "images")
 _DEFAULT_IMAGE_COLUMN = "image"
@@ -82,6 +83,13 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         default=95,
         help="quality of re-encoded images; JPEG input is copied (default 95)",
     )
+    write.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="skip, without decoding, an image whose header says it has more pixels "
+        f"(default {DEFAULT_MAX_PIXELS} = 8192 x 8192)",
+    )
     write.add_argument("--image-size", type=int, default=64, help="demo image side (default 64)")
     write.add_argument(
         "--val-fraction", type=float, default=0.2, help="demo validation share (default 0.2)"
@@ -99,8 +107,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "inspect",
         help="count and check shards; exit status 1 if anything is wrong",
         description=(
-            "Count shards and samples, decode every image and report corrupt images, "
-            "missing members and truncated tars, by shard and key. Exit status 0 when "
+            "Count shards and samples, decode every image as the loader does and report "
+            "corrupt or oversized images, oversized or missing members, bad captions and "
+            "truncated tars, by shard and key. Exit status 0 when "
             "all is well, 1 when problems were found, 2 when SPEC names nothing."
         ),
     )
@@ -118,6 +127,27 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="require a caption per sample (default: as the manifest says, else if any "
         "sample has one)",
+    )
+    inspect.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="the side the loader decodes to (ImageConfig load_size, else size): JPEGs "
+        "decode at the reduced scale it allows, as in the loader (default 224)",
+    )
+    inspect.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="report images that would decode to more pixels, as the loader skips them "
+        f"(ImageConfig.max_pixels; default {DEFAULT_MAX_PIXELS})",
+    )
+    inspect.add_argument(
+        "--max-member-bytes",
+        type=_byte_size,
+        default=DEFAULT_MAX_MEMBER_BYTES,
+        help="report tar members over this size, e.g. 64MiB, as the loader skips their "
+        "samples (LoaderConfig.max_member_bytes; default 64MiB)",
     )
     inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
     inspect.add_argument(
@@ -163,6 +193,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         max_bytes_per_shard=args.max_bytes_per_shard,
         jpeg_quality=args.jpeg_quality,
         show_progress=args.progress,
+        max_pixels=args.max_pixels,
     )
     try:
         options.validate()
@@ -216,7 +247,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from data_pipeline.inspect_shards import inspect_shards
 
     try:
-        report = inspect_shards(args.spec, captions=args.captions, show_progress=args.progress)
+        report = inspect_shards(
+            args.spec,
+            captions=args.captions,
+            show_progress=args.progress,
+            image_size=args.image_size,
+            max_pixels=args.max_pixels,
+            max_member_bytes=args.max_member_bytes,
+        )
     except DataError as exc:
         return _fail("inspect", str(exc))
     if args.json:

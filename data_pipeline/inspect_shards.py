@@ -1,13 +1,18 @@
 """Check a set of WebDataset shards before training on them.
 
-Counts shards and samples, decodes every image (``Image.open(...).convert("RGB")``, what
-a data loader will do) and reports, by shard and key:
+Counts shards and samples, decodes every image the way the loader does
+(``image_decode.decode_rgb``: a JPEG at the reduced scale the loader's side allows,
+``image_size``) and reports, by shard and key:
 
 - ``missing_shard``: a shard the specification names is not there;
 - ``unreadable_tar``: a tar that cannot be opened, is cut short (a member's data or the
   end-of-archive marker missing) or is otherwise corrupt;
 - ``sample_count``: a shard's sample count differs from its manifest's;
 - ``corrupt_image``: an image member that does not decode;
+- ``oversized_image``: an image that would decode to more than ``max_pixels`` pixels
+  (not decoded);
+- ``oversized_member``: a member of more than ``max_member_bytes`` (not read); the
+  loader skips its sample, so nothing else is checked in it;
 - ``missing_image``: a sample (key) with no image member;
 - ``missing_caption``: a sample with no caption (``.txt``) when captions are expected:
   as the manifest says, as the caller says, or else when any sample of the set has one;
@@ -17,19 +22,21 @@ a data loader will do) and reports, by shard and key:
 Reads any WebDataset tars, img2dataset's included: members are grouped by key the way
 WebDataset groups them, and the ``_stats.json`` and ``.parquet`` files img2dataset writes
 beside its tars are ignored.
+
+Names are paths: a shard named ``pipe:CMD`` in a manifest or a folder is a file of that
+name (missing, most likely), never a command; shards are opened with ``open()`` only.
 """
 
-import io
 import json
 import os
 import tarfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
 from data_pipeline.shard_format import (
     CAPTION_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -37,8 +44,12 @@ from data_pipeline.shard_format import (
     TAR_BLOCK,
     split_member_name,
 )
+from data_pipeline.tar_members import READ_ERRORS, capped_tarinfo, plain_stream
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
+# The side the loader decodes to by default (ImageConfig's size): what a JPEG's reduced
+# scale decoding is judged at when the caller does not say.
+DEFAULT_IMAGE_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -186,7 +197,15 @@ def _from_manifest(path: Path) -> ShardSet:
         raise DataError(f"cannot read manifest {path}: {exc}") from exc
     except (KeyError, TypeError, AttributeError):
         raise DataError(f"{path} is not a shard manifest (no 'shards' list of names)") from None
+    for i, (name, count) in enumerate(zip(names, counts, strict=True)):
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{path}: shard {i}'s name is not a file name: {name!r}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                  or count < 0):  # fmt: skip
+            raise DataError(f"{path}: shard {name!r} has a bad sample count: {count!r}")
     has_captions = manifest.get("has_captions")
+    # A name is a path relative to the manifest's folder, whatever it looks like:
+    # "pipe:cmd" is a file of that name (the loader makes it absolute before opening).
     return ShardSet(
         paths=[path.parent / name for name in names],
         expected_samples=counts,
@@ -201,6 +220,8 @@ class _ShardScan:
     whole tells whether captions are expected."""
 
     path: str
+    image_size: int = DEFAULT_IMAGE_SIZE
+    max_pixels: int = DEFAULT_MAX_PIXELS
     samples: int = 0
     readable: bool = True
     captioned: int = 0
@@ -210,16 +231,22 @@ class _ShardScan:
     def problem(self, key: str | None, kind: str, detail: str) -> None:
         self.problems.append(Problem(self.path, key, kind, detail))
 
-    def check_sample(self, key: str, members: dict[str, bytes]) -> None:
+    def check_sample(self, key: str, members: dict[str, bytes | None]) -> None:
+        """``members``: data by extension, None for a member over the byte cap."""
         self.samples += 1
+        if None in members.values():
+            # Reported as it was met (oversized_member); the loader skips the sample.
+            if not any(ext in CAPTION_EXTENSIONS for ext in members):
+                self.uncaptioned_keys.append(key)
+            return
         images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
         if not images:
             found = ", ".join(sorted(members)) or "nothing"
             self.problem(key, "missing_image", f"no image member (has {found})")
         for ext in images:
-            error = _decode_error(members[ext])
+            error = _decode_error(members[ext], self.image_size, self.max_pixels)
             if error is not None:
-                self.problem(key, "corrupt_image", f"{key}.{ext}: {error}")
+                self.problem(key, error[0], f"{key}.{ext}: {error[1]}")
         caption_ext = next((ext for ext in members if ext in CAPTION_EXTENSIONS), None)
         if caption_ext is None:
             self.uncaptioned_keys.append(key)
@@ -234,14 +261,16 @@ class _ShardScan:
             self.problem(key, "empty_caption", f"{key}.{caption_ext} is empty")
 
 
-def _decode_error(data: bytes) -> str | None:
-    from PIL import Image
+def _decode_error(data: bytes, image_size: int, max_pixels: int) -> tuple[str, str] | None:
+    """(problem kind, detail) when the loader would skip the image, else None."""
+    from data_pipeline.image_decode import CorruptImage, OversizedImage, decode_rgb
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.convert("RGB")
-    except Exception as exc:  # whatever stops a decode is what this check looks for
-        return f"{type(exc).__name__}: {exc}"
+        decode_rgb(data, image_size, max_pixels)
+    except OversizedImage as exc:
+        return "oversized_image", f"{exc} (max_pixels)"
+    except CorruptImage as exc:
+        return "corrupt_image", str(exc)
     return None
 
 
@@ -253,20 +282,36 @@ def _has_end_marker(tar: tarfile.TarFile) -> bool:
     return len(block) == TAR_BLOCK and not any(block)
 
 
-def scan_shard(path: Path) -> _ShardScan:
-    """Read one tar to its end, checking each sample as its members complete."""
-    scan = _ShardScan(str(path))
+def scan_shard(
+    path: Path,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> _ShardScan:
+    """Read one tar (plain or compressed) to its end, checking each sample as its
+    members complete; members over ``max_member_bytes`` are seeked past, unread."""
+    import tarfile
+
+    scan = _ShardScan(str(path), image_size, max_pixels)
     try:
-        tar = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        file = open(path, "rb")
+    except OSError as exc:
         scan.readable = False
         scan.problem(None, "unreadable_tar", f"cannot open: {exc}")
         return scan
-    with tar:
+    try:
+        tar = tarfile.open(fileobj=plain_stream(file), mode="r:",
+                           tarinfo=capped_tarinfo(max_member_bytes))  # fmt: skip
+    except READ_ERRORS as exc:
+        file.close()
+        scan.readable = False
+        scan.problem(None, "unreadable_tar", f"cannot open: {exc}")
+        return scan
+    with file, tar:
         # Members of one sample are consecutive (WebDataset's rule): collect them until
         # the key changes, then check the sample.
         key: str | None = None
-        members: dict[str, bytes] = {}
+        members: dict[str, bytes | None] = {}
         reading: str | None = None
         try:
             for member in tar:
@@ -284,9 +329,14 @@ def scan_shard(path: Path) -> _ShardScan:
                 if ext in members:
                     scan.problem(key, "duplicate_member", f"{member.name} appears twice")
                     continue
+                if member.size > max_member_bytes:
+                    members[ext] = None
+                    scan.problem(key, "oversized_member", f"{member.name} is {member.size} "
+                                 f"bytes, over the cap of {max_member_bytes} (max_member_bytes)")  # fmt: skip
+                    continue
                 members[ext] = tar.extractfile(member).read()
             complete = _has_end_marker(tar)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        except READ_ERRORS as exc:
             # The sample being read is incomplete: it is reported, not checked.
             scan.readable = False
             scan.problem(reading, "unreadable_tar", f"truncated or corrupt: {exc}")
@@ -300,13 +350,27 @@ def scan_shard(path: Path) -> _ShardScan:
 
 
 def inspect_shards(
-    spec: ShardSpec, captions: bool | None = None, show_progress: bool | None = None
+    spec: ShardSpec,
+    captions: bool | None = None,
+    show_progress: bool | None = None,
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> InspectReport:
     """Check every shard of ``spec`` (see ``resolve_shards``). ``captions``: whether
     every sample must have one; None: as the manifest says, else whether any sample of
-    the set has one. ``show_progress``: a bar over shards; None: when on a terminal."""
+    the set has one. ``show_progress``: a bar over shards; None: when on a terminal.
+    ``image_size``, ``max_pixels``, ``max_member_bytes``: the loader's (its
+    ``ImageConfig`` load side and pixel cap, its ``LoaderConfig`` member cap), so that
+    what is reported is what the loader would skip."""
     from tqdm import tqdm
 
+    from data_pipeline.limits import check_cap
+
+    for name, value in (("image_size", image_size), ("max_pixels", max_pixels),
+                        ("max_member_bytes", max_member_bytes)):  # fmt: skip
+        check_cap(name, value)
     shard_set = resolve_shards(spec)
     scans: list[_ShardScan] = []
     for path, expected in tqdm(
@@ -318,7 +382,7 @@ def inspect_shards(
             scan = _ShardScan(str(path), readable=False)
             scan.problem(None, "missing_shard", "file not found")
         else:
-            scan = scan_shard(path)
+            scan = scan_shard(path, image_size, max_pixels, max_member_bytes)
             if scan.readable and expected is not None and scan.samples != expected:
                 scan.problem(
                     None, "sample_count", f"{scan.samples} samples, the manifest says {expected}"

@@ -1,36 +1,63 @@
 """Raw samples out of tar shards, in a slot's deterministic order, with a cheap way to
 start part-way (resuming). A raw sample is WebDataset's dict: ``__key__``, ``__url__``
-and one ``bytes`` entry per member extension (``jpg``, ``txt``, ``json``, ...).
+and one ``bytes`` entry per member extension (``jpg``, ``txt``, ``json``, ...), members
+grouped by key the way WebDataset groups them. A sample with a member over the member
+cap (``data_pipeline.limits``) has no entry for it and instead ``OVERSIZED``, saying
+which member: the loader skips such a sample as a whole.
 
 Bad shards (missing, unreadable, truncated) end early: the samples read so far count,
 the rest of that shard is skipped and the event is counted; the stream goes on.
+
+What is opened: a URL that starts with ``pipe:`` runs its command through WebDataset's
+``gopen``; anything else is opened as a file, never through ``gopen``. Only a
+specification the user wrote may be a ``pipe:`` URL: the loader turns every path that
+comes from a manifest or a folder listing into an absolute path first, so a shard named
+``pipe:CMD`` is a file of that name, not a command (``loader.resolve_sources``).
 """
 
 from __future__ import annotations
 
 import logging
-import tarfile
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
-import webdataset as wds
-from webdataset import tariterators
-
+from data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES
+from data_pipeline.shard_format import split_member_name
 from data_pipeline.shard_plan import block_permutation
+from data_pipeline.tar_members import READ_ERRORS, tar_members
 
 log = logging.getLogger("megabatch.data")
+
+OVERSIZED = "__oversized__"
+"""The key of a raw sample that had a member over the cap: "NAME (SIZE bytes)"."""
+PIPE_PREFIX = "pipe:"
+# What reading a broken shard raises: a broken tar's errors, a duplicate member name
+# (ValueError, as a path with a NUL byte).
+SHARD_ERRORS = (*READ_ERRORS, ValueError)
+# WebDataset's metadata members (``__key__``-like names), which it skips too.
+_META_MEMBER_RE = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One resolved shard source: URLs (local paths or ``pipe:`` commands), each shard's
-    sample count where a manifest gives it (None otherwise), and its mixing weight."""
+    """One resolved shard source: URLs (absolute paths, or ``pipe:`` commands the user
+    wrote), each shard's sample count where a manifest gives it (None otherwise), and its
+    mixing weight."""
 
     urls: tuple[str, ...]
     counts: tuple[int | None, ...]
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A relative path could read as a URL ("pipe:...", "-" for stdin) to an opener.
+        for url in self.urls:
+            if not (url.startswith(PIPE_PREFIX) or os.path.isabs(url)):
+                raise ValueError(f"shard path {url!r} is not absolute")
 
     @property
     def counts_known(self) -> bool:
@@ -54,27 +81,62 @@ class RateLimitedWarnings:
             log.warning("%s (%s #%d)", message, kind, n)
 
 
+def open_shard(url: str) -> BinaryIO:
+    """A ``pipe:`` URL's command output, or the file at path ``url``."""
+    if url.startswith(PIPE_PREFIX):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    return open(url, "rb")
+
+
 def read_shard(
-    url: str, warn: RateLimitedWarnings, skipped: Counter, expected: int | None = None
+    url: str,
+    warn: RateLimitedWarnings,
+    skipped: Counter,
+    expected: int | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Iterator[dict]:
     """Every sample of one shard; a shard that fails part-way ends there, counted. A tar
     cut at a member boundary reads as a shorter, valid tar: with the manifest's
-    ``expected`` count, that shortfall is caught and counted too."""
+    ``expected`` count, that shortfall is caught and counted too. Members over
+    ``max_member_bytes`` are streamed past unread (see ``OVERSIZED``)."""
     read = 0
     try:
-        with wds.gopen(url, "rb") as stream:
-            members = tariterators.tar_file_iterator(stream)  # {fname, data} per member
-            named = ({**member, "__url__": url} for member in members)
-            for sample in tariterators.group_by_keys(named):
+        with open_shard(url) as stream:
+            for sample in _samples(tar_members(stream, max_member_bytes), url):
                 read += 1
                 yield sample
-    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+    except SHARD_ERRORS as exc:
         skipped["bad_shard"] += 1
         warn("bad_shard", f"shard {url} unreadable or truncated, rest skipped: {exc}")
         return
     if expected is not None and read < expected:
         skipped["bad_shard"] += 1
         warn("bad_shard", f"shard {url} truncated: {read} of {expected} samples")
+
+
+def _samples(members: Iterator[tuple[str, bytes | None, int]], url: str) -> Iterator[dict]:
+    """Consecutive members with the same key -> one sample (WebDataset's grouping: the
+    key is the name up to the first dot of its file name, the extension lower-cased)."""
+    sample: dict | None = None
+    for name, data, size in members:
+        parts = None if _META_MEMBER_RE.match(name) else split_member_name(name)
+        if parts is None:
+            continue
+        key, ext = parts
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        if ext in sample:
+            raise ValueError(f"{name}: duplicate member name in the shard")
+        if data is None:
+            sample[OVERSIZED] = f"{name} ({size} bytes)"
+        else:
+            sample[ext] = data
+    if sample is not None:
+        yield sample
 
 
 def source_samples(
@@ -85,6 +147,7 @@ def source_samples(
     skip: int,
     warn: RateLimitedWarnings,
     skipped: Counter,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Iterator[dict]:
     """The samples of ``shard_indices`` (in that order) whose running index i has
     i % stride == offset, after dropping the first ``skip`` such samples. Shards whose
@@ -96,7 +159,7 @@ def source_samples(
         if count is not None and index + count <= to_skip:
             index += count
             continue
-        for sample in read_shard(source.urls[shard], warn, skipped, count):
+        for sample in read_shard(source.urls[shard], warn, skipped, count, max_member_bytes):
             if index >= to_skip and index % stride == offset:
                 yield sample
             index += 1

@@ -10,8 +10,10 @@ a sample (an image that does not decode, an empty caption) are the writer's: it 
 that sample, counts it and lists it in the manifest.
 """
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -91,18 +93,23 @@ def _quote(items: Sequence[object]) -> str:
     return shown + (", ..." if len(items) > _QUOTED else "")
 
 
+# SampleError messages become skip reasons in the manifest: no paths in them (the sample's
+# id, listed beside the reason, says which file), so that they are the same every run.
 def _read_caption_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SampleError(f"cannot read caption file {path.name}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SampleError(f"caption file {path.name} is not UTF-8: {exc.reason} at byte "
+                          f"{exc.start}") from exc  # fmt: skip
+    except OSError as exc:
+        raise SampleError(f"cannot read caption file {path.name}: {exc.strerror or exc}") from exc
 
 
 def _read_image_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise SampleError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise SampleError(f"cannot read image file {path.name}: {exc.strerror or exc}") from exc
 
 
 class ImageFolderSource(Source):
@@ -257,20 +264,22 @@ def _read_table(
     """(column names, rows as dicts) of a table, reading only ``wanted`` where the format
     allows it."""
     if suffix in (".csv", ".tsv"):
+        text = _utf8_text(table, _read_table_bytes(table))
         try:
-            with open(table, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                columns = list(reader.fieldnames or [])
-                rows = list(reader)
-        except (UnicodeDecodeError, csv.Error) as exc:
+            reader = csv.DictReader(io.StringIO(text, newline=""),
+                                    delimiter="\t" if suffix == ".tsv" else ",")  # fmt: skip
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+        except csv.Error as exc:
             raise DataError(f"cannot read {table} as {suffix[1:].upper()}: {exc}") from exc
         return columns, rows
 
     if suffix in (".jsonl", ".ndjson"):
         seen: dict[str, None] = {}  # an insertion-ordered set of the keys met
         rows = []
-        with open(table, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
+        with open(table, "rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                line = _utf8_line(table, line_number, raw)
                 if not line.strip():
                     continue
                 try:
@@ -294,3 +303,31 @@ def _read_table(
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"cannot read {table} as parquet: {exc}") from exc
     return columns, data
+
+
+def _read_table_bytes(table: Path) -> bytes:
+    try:
+        return table.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {table}: {exc.strerror or exc}") from exc
+
+
+def _utf8_text(table: Path, data: bytes) -> str:
+    """A whole table's text (a UTF-8 byte-order mark dropped, as Excel writes one);
+    DataError naming the line of the first byte that is not UTF-8."""
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1)
+        raise DataError(f"{table}:{line}: not UTF-8 ({exc.reason} at byte {column} of the "
+                        "line); save the table as UTF-8") from None  # fmt: skip
+
+
+def _utf8_line(table: Path, line_number: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{table}:{line_number}: not UTF-8 ({exc.reason} at byte {exc.start} "
+                        "of the line); save the table as UTF-8") from None  # fmt: skip

@@ -140,16 +140,35 @@ class CaptionTokenizer:
 
 
 def captions_from_shards(spec) -> Iterable[str]:
-    """Every caption (``txt`` member) of a shard specification, for training."""
+    """Every caption (``txt``, ``text`` or ``caption`` member) of a shard specification,
+    for training: the captions the loader would train on. A sample whose caption is not
+    UTF-8 (``bad_caption``), is empty, or has a member over the member cap
+    (``oversized_member``) is skipped, with the loader's rate-limited warnings."""
     from collections import Counter
 
     from data_pipeline.loader import resolve_sources
-    from data_pipeline.shard_stream import RateLimitedWarnings, read_shard
+    from data_pipeline.shard_format import CAPTION_EXTENSIONS
+    from data_pipeline.shard_stream import OVERSIZED, RateLimitedWarnings, read_shard
 
     warn, skipped = RateLimitedWarnings(), Counter()
     for source in resolve_sources(spec):
         for url, count in zip(source.urls, source.counts, strict=True):
             for sample in read_shard(url, warn, skipped, count):
-                text = sample.get("txt")
-                if text:
-                    yield text.decode("utf-8", errors="replace").strip()
+                where = f"{url} key {sample['__key__']}"
+                if OVERSIZED in sample:
+                    skipped["oversized_member"] += 1
+                    warn("oversized_member", f"{where}: member {sample[OVERSIZED]} is over "
+                         "the member cap, caption skipped")  # fmt: skip
+                    continue
+                ext = next((e for e in sample if e in CAPTION_EXTENSIONS), None)
+                text = sample[ext] if ext else b""
+                if not text:
+                    continue
+                try:
+                    caption = text.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    skipped["bad_caption"] += 1
+                    warn("bad_caption", f"{where}: caption is not UTF-8 ({exc}), skipped")
+                    continue
+                if caption:
+                    yield caption

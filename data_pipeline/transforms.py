@@ -18,17 +18,22 @@ PIL that takes one packing pass (PIL holds RGB as 4 bytes a pixel). With ``simpl
 by it (libjpeg-turbo, as in PIL, with the same accurate DCT and upsampling) directly into
 the slot, with no PIL image and no packing; everything else, and any JPEG simplejpeg
 will not decode cleanly, goes through PIL, so which samples are skipped does not depend
-on the decoder.
+on the decoder. Either way an image that would decode to more than
+``ImageConfig.max_pixels`` pixels is refused from its header (``OversizedImage``; see
+``image_decode`` and ``limits``).
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+
+# CorruptImage and OversizedImage are what decode_into raises: importable from here.
+from data_pipeline.image_decode import CorruptImage, OversizedImage, decode_rgb  # noqa: F401
+from data_pipeline.limits import DEFAULT_MAX_PIXELS
 
 try:  # optional: a faster path for JPEGs that need no resampling
     import simplejpeg
@@ -39,10 +44,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DECODERS = ("auto", "pil", "simplejpeg")
-
-
-class CorruptImage(ValueError):
-    """The bytes are not an image PIL can decode (truncated, wrong format, ...)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ImageConfig:
     """JPEG decoding in the workers: ``simplejpeg`` for JPEGs already at the workers' side
     (the rest through PIL), ``pil`` for everything, ``auto`` for simplejpeg when it is
     installed, else PIL."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Pixels an image may decode to (a JPEG: after its reduced-scale decoding); a bigger
+    one is skipped unread (``oversized_image``). See ``data_pipeline.limits``."""
 
 
 def check_decoder(decoder: str) -> None:
@@ -70,20 +74,14 @@ def check_decoder(decoder: str) -> None:
         raise ValueError("image decoder 'simplejpeg' is not installed (pip install simplejpeg)")
 
 
-def decode_image(data: bytes, size: int) -> Image.Image:
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Image file bytes -> the centred square of the image as an RGB PIL image of side
-    ``size`` (resized, antialiased bilinear, when its side differs). Raises CorruptImage
-    for bytes PIL cannot decode completely. The decoding every pipeline stage shares: the
-    benchmark's decode stage times exactly this."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            # JPEG can decode at 1/2, 1/4, 1/8 scale for free: skip pixels we would drop.
-            img.draft("RGB", (size, size))
-            img.load()
-            # convert() copies even when the mode is already RGB (every colour JPEG).
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise CorruptImage(f"{type(exc).__name__}: {exc}") from exc
+    ``size`` (resized, antialiased bilinear, when its side differs). Raises
+    OversizedImage for an image that would decode to more than ``max_pixels`` pixels
+    (JPEGs: after their reduced-scale decoding, ``image_decode.decode_rgb``) and
+    CorruptImage for bytes PIL cannot decode completely. The decoding every pipeline
+    stage shares: the benchmark's decode stage times exactly this."""
+    rgb = decode_rgb(data, size, max_pixels)
     width, height = rgb.size
     if (width, height) == (size, size):
         return rgb  # already what we want: no copy
@@ -98,18 +96,20 @@ def decode_image(data: bytes, size: int) -> Image.Image:
     return rgb.resize((size, size), Image.Resampling.BILINEAR, box=square)
 
 
-def decode_into(data: bytes, out: np.ndarray, decoder: str = "auto") -> None:
+def decode_into(
+    data: bytes, out: np.ndarray, decoder: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> None:
     """Decode image bytes straight into ``out``, a C-contiguous (size, size, 3) uint8 slot
     of a batch: the pixels of ``decode_image``, written in place. With simplejpeg (see
     ``ImageConfig.decoder``) a JPEG of side ``size`` is decoded into ``out`` directly;
     otherwise PIL decodes and one pass packs its RGBX pixels into ``out``. Raises
-    CorruptImage, as ``decode_image``."""
-    if decoder != "pil" and jpeg_into(data, out):
+    OversizedImage or CorruptImage, as ``decode_image``."""
+    if decoder != "pil" and jpeg_into(data, out, max_pixels):
         return
-    _pack_rgb(decode_image(data, out.shape[0]), out)
+    _pack_rgb(decode_image(data, out.shape[0], max_pixels), out)
 
 
-def jpeg_into(data: bytes, out: np.ndarray) -> bool:
+def jpeg_into(data: bytes, out: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     """simplejpeg's half of ``decode_into``: True when ``data`` is a colour or grey JPEG
     of exactly ``out``'s side, decoded into ``out`` without a warning; False (``out``
     undefined) when simplejpeg is not installed or declines, and PIL must decide."""
@@ -119,6 +119,8 @@ def jpeg_into(data: bytes, out: np.ndarray) -> bool:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if (height, width) != out.shape[:2] or colorspace not in ("YCbCr", "Gray"):
             return False  # resampling, or a CMYK/YCCK conversion: PIL's job
+        if height * width > max_pixels:
+            return False  # PIL refuses it: the same verdict whichever decoder runs
         # Accurate integer DCT and smooth upsampling: PIL's (libjpeg's) defaults, so the
         # pixels equal PIL's. strict: a warning (e.g. a truncated file) raises, and PIL
         # then decides whether the sample decodes or is skipped.
@@ -129,10 +131,12 @@ def jpeg_into(data: bytes, out: np.ndarray) -> bool:
     return True
 
 
-def decode_resize_crop(data: bytes, size: int, decoder: str = "auto") -> np.ndarray:
+def decode_resize_crop(
+    data: bytes, size: int, decoder: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Image file bytes -> (size, size, 3) uint8 (``decode_into`` a new array)."""
     out = np.empty((size, size, 3), dtype=np.uint8)
-    decode_into(data, out, decoder)
+    decode_into(data, out, decoder, max_pixels)
     return out
 
 

@@ -26,16 +26,20 @@ Once the manifest exists the journal is deleted, and rerunning the same command 
 no-op. A folder holding a different source's or options' shards, or ``.tar`` files the
 writer did not record, is refused (``DataError``) rather than mixed or deleted.
 
-Samples that cannot be read (an image that does not decode, an unreadable or empty
-caption) are skipped, never silently: each is listed in the manifest's ``skipped`` with
-its source id and the reason, and counted in the result. Problems with the source as a
-whole (missing files, unknown columns) are found earlier, by the source itself.
+Samples that cannot be read (an image that does not decode, an image over the pixel
+cap, an unreadable or empty caption) are skipped, never silently: each is listed in the
+manifest's ``skipped`` with its source id and the reason, and counted in the result.
+Reasons are stable (no object addresses, no paths: the id says which sample), so that
+two writes of the same input give the same manifest. An image is decoded only if its
+header says it fits ``max_pixels`` (``data_pipeline.limits``). Problems with the source
+as a whole (missing files, unknown columns) are found earlier, by the source itself.
 """
 
 import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -47,6 +51,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import DataError
+from data_pipeline.image_decode import OversizedImage, check_pixels
+from data_pipeline.limits import DEFAULT_MAX_PIXELS, check_cap
 from data_pipeline.shard_format import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -64,8 +70,9 @@ from data_pipeline.sources import SampleError, Source
 JOURNAL_NAME = "write_progress.jsonl"
 # Fields the writer puts into every sample's .json; a source's metadata may not use them.
 _RESERVED_JSON_FIELDS = frozenset({"key", "source", "caption", "width", "height"})
-# What PIL raises for bytes that are not a (complete) image it can decode.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# An object's repr in an exception's text ("cannot identify image file <_io.BytesIO
+# object at 0x7f...>"): an address that differs from run to run.
+_OBJECT_REPR_RE = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 # PIL's names for files that are already JPEG (MPO: a phone camera's multi-picture JPEG).
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 
@@ -84,6 +91,8 @@ class ShardOptions:
     """Quality of the images encoded to JPEG; JPEG input is copied unchanged."""
     show_progress: bool | None = None
     """Progress bar on stderr; None: only when stderr is a terminal (tqdm's rule)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """An image whose header says it has more pixels is skipped, never decoded."""
 
     def validate(self) -> None:
         for name in ("max_samples_per_shard", "max_bytes_per_shard"):
@@ -94,14 +103,20 @@ class ShardOptions:
             raise DataError("set max_samples_per_shard or max_bytes_per_shard (or both)")
         if not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 100:
             raise DataError(f"jpeg_quality must be an integer in 1..100, got {self.jpeg_quality!r}")
+        check_cap("max_pixels", self.max_pixels)
 
     def packing(self) -> dict[str, int | None]:
         """The options that decide the shards' bytes (not the progress bar)."""
-        return {
+        packing = {
             "max_samples_per_shard": self.max_samples_per_shard,
             "max_bytes_per_shard": self.max_bytes_per_shard,
             "jpeg_quality": self.jpeg_quality,
         }
+        # Only when changed: shard sets written before the cap existed keep their
+        # fingerprint (a rerun still finds them complete).
+        if self.max_pixels != DEFAULT_MAX_PIXELS:
+            packing["max_pixels"] = self.max_pixels
+        return packing
 
 
 @dataclass(frozen=True)
@@ -158,18 +173,24 @@ def prepare_output_dir(out_dir: Path) -> None:
         raise DataError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from exc
 
 
-def encode_jpeg(image: bytes | Image.Image, quality: int) -> tuple[bytes, int, int]:
+def encode_jpeg(
+    image: bytes | Image.Image, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[bytes, int, int]:
     """(JPEG bytes, width, height). Encoded bytes are decoded in full first, so that a
     truncated or corrupt file fails here rather than in a training run; JPEG files are
     then kept byte for byte (re-encoding would only lose quality). Anything else is
-    converted to RGB, transparency flattened onto white, and encoded at ``quality``."""
+    converted to RGB, transparency flattened onto white, and encoded at ``quality``.
+    An image of more than ``max_pixels`` pixels raises OversizedImage, decoded or not
+    (bytes: checked from the header, before decoding)."""
     if isinstance(image, bytes):
         with Image.open(io.BytesIO(image)) as opened:
+            check_pixels(opened.width, opened.height, max_pixels)
             opened.load()
             if opened.format in _JPEG_FORMATS:
                 return image, opened.width, opened.height
             # Encoded before the `with` closes the image (a closed image has no pixels).
             return _encode(_to_rgb(opened), quality)
+    check_pixels(image.width, image.height, max_pixels)
     return _encode(_to_rgb(image), quality)
 
 
@@ -192,22 +213,31 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def stable_reason(exc: BaseException) -> str:
+    """``exc`` as a skip reason that is the same every run: its type and message, less
+    any object repr (PIL names the BytesIO it read, address and all)."""
+    text = _OBJECT_REPR_RE.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _sample_members(
-    source: Source, index: int, jpeg_quality: int
+    source: Source, index: int, options: ShardOptions
 ) -> tuple[list[tuple[str, bytes]], None] | tuple[None, str]:
     """The tar members (extension, bytes) of sample ``index``, or None and the reason
-    it has to be skipped."""
+    it has to be skipped (stable: see ``stable_reason``)."""
     try:
         sample = source.load(index)
     except SampleError as exc:
-        return None, str(exc)
+        return None, _OBJECT_REPR_RE.sub("", str(exc))
     caption = (sample.caption or "").strip() if source.has_captions else None
     if source.has_captions and not caption:
         return None, "empty caption"
     try:
-        jpeg, width, height = encode_jpeg(sample.image, jpeg_quality)
-    except _IMAGE_ERRORS as exc:
-        return None, f"image does not decode: {exc}"
+        jpeg, width, height = encode_jpeg(sample.image, options.jpeg_quality, options.max_pixels)
+    except OversizedImage as exc:
+        return None, f"image too large: {exc} (max_pixels)"
+    except Exception as exc:  # whatever stops a decode: PIL's plugins raise many kinds
+        return None, f"image does not decode: {stable_reason(exc)}"
 
     clash = _RESERVED_JSON_FIELDS.intersection(sample.metadata)
     if clash:
@@ -430,7 +460,7 @@ def write_shards(
                     on_shard_complete(record)
 
             for index in range(start, len(source)):
-                members, reason = _sample_members(source, index, options.jpeg_quality)
+                members, reason = _sample_members(source, index, options)
                 progress.update()
                 if members is None:
                     pending_skips.append({"index": index, "source": ids[index], "reason": reason})

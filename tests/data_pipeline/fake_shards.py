@@ -5,7 +5,9 @@ names i, so tests can tell samples apart by content."""
 
 import io
 import json
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 from PIL import Image
@@ -36,6 +38,7 @@ def write_shards(
     manifest: bool = True,
     corrupt: frozenset[int] = frozenset(),
     no_caption: frozenset[int] = frozenset(),
+    bad_caption: frozenset[int] = frozenset(),
     start: int = 0,
 ) -> list[Path]:
     """Shards 00000.tar, ... of ``per_shard`` samples; keys are global sample indices."""
@@ -50,7 +53,8 @@ def write_shards(
                 image = b"\xff\xd8 not a jpeg" if i in corrupt else jpeg_bytes(i)
                 _add(tar, f"{key}.jpg", image)
                 if i not in no_caption:
-                    _add(tar, f"{key}.txt", f"a photo of sample {i}".encode())
+                    caption = f"a photo of sample {i}".encode()
+                    _add(tar, f"{key}.txt", caption + b" \xff" if i in bad_caption else caption)
                 _add(tar, f"{key}.json", json.dumps({"index": i}).encode())
         paths.append(path)
         entries.append({"name": path.name, "samples": len(indices)})
@@ -61,3 +65,63 @@ def write_shards(
 
 def captions(num_samples: int) -> list[str]:
     return [f"a photo of sample {i}" for i in range(num_samples)]
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    """A valid black PNG of any size, small and quick to make: 1 bit a pixel, written by
+    hand (PIL would hold the whole image). 12000 x 12000 is 420 KB."""
+    row = b"\0" * (1 + -(-width // 8))  # filter byte, then the row's bits
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    idat = zlib.compress(row * height, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def tar_member(name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One tar member's bytes: its ustar header and its data, padded to 512 bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(data), kind
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def gzip_tar_with_zeros(
+    path: Path, before: bytes, name: str, size: int, after: bytes, kind: bytes = tarfile.REGTYPE
+) -> Path:
+    """A gzip'd tar: the tar bytes ``before``, a member ``name`` of ``size`` zero bytes
+    (a multiple of 1 MiB; ``kind`` its header type), the tar bytes ``after`` and the end
+    of the archive, in one gzip stream (what tarfile and WebDataset read in one piece).
+    Quick to make at any size: after a full flush, deflate's output for one MiB of zeros
+    is the same every time (about 1 KB), so it is compressed once and written size/1MiB
+    times; only the CRC runs over every byte."""
+    mib = 1 << 20
+    if size % mib:
+        raise ValueError("size must be a multiple of 1 MiB")
+    header = tarfile.TarInfo(name)
+    header.size, header.type = size, kind
+    zeros = bytes(mib)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    crc, length = 0, 0
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")  # gzip header, mtime 0
+
+        def put(data: bytes) -> bytes:
+            nonlocal crc, length
+            crc, length = zlib.crc32(data, crc), length + len(data)
+            block = deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)
+            f.write(block)
+            return block
+
+        put(before + header.tobuf(format=tarfile.USTAR_FORMAT))
+        block = put(zeros)
+        for _ in range(size // mib - 1):
+            f.write(block)
+            crc = zlib.crc32(zeros, crc)
+        length += size - mib
+        put(after + b"\0" * 1024)  # the end-of-archive marker
+        f.write(deflate.flush() + struct.pack("<II", crc, length & 0xFFFFFFFF))
+    return path

@@ -171,3 +171,28 @@ def test_inspect_of_nothing_is_one_line_exit_2(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no such file or folder" in err
+
+
+@pytest.mark.parametrize(
+    "name, table, line",
+    [
+        (
+            "t.jsonl",
+            b'{"image": "a.png", "caption": "ok"}\n{"image": "a.png", "caption": "caf\xe9"}\n',
+            2,
+        ),
+        ("t.csv", b"image,caption\na.png,ok\na.png,ok\na.png,caf\xe9\n", 4),
+        ("t.tsv", b"image\tcaption\n\xff.png\tok\n", 2),
+    ],
+    ids=["jsonl", "csv", "tsv"],
+)
+def test_a_table_that_is_not_utf8_is_one_line_exit_2(tmp_path, capsys, name, table, line):
+    save_image(tmp_path / "a.png")
+    (tmp_path / name).write_bytes(table)
+    out = tmp_path / "out"
+    argv = ["data", "write", "--from", "table", "--input", str(tmp_path / name), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path / name}:{line}: not UTF-8" in err
+    assert not out.exists()

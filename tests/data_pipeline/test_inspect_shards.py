@@ -2,6 +2,7 @@
 the ways to name a shard set (folder, manifest, brace pattern, list)."""
 
 import json
+import re
 
 import pytest
 
@@ -153,3 +154,21 @@ def test_image_only_shards_need_no_captions(tmp_path):
     report = inspect_shards(tmp_path / "out")
     assert report.ok and not report.captions_expected
     assert inspect_shards(tmp_path / "out", captions=True).problems[0].kind == "missing_caption"
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": 5}, "shard 0's name is not a file name: 5"),
+        ({"name": ""}, "shard 0's name is not a file name: ''"),
+        ({"name": "00000.tar", "samples": "ten"}, "shard '00000.tar' has a bad sample count"),
+        ({"name": "00000.tar", "samples": -1}, "shard '00000.tar' has a bad sample count"),
+    ],
+)
+def test_a_manifest_with_bad_entries_is_one_dataerror(tmp_path, entry, message):
+    from data_pipeline.loader import resolve_sources
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [entry]}))
+    for resolve in (resolve_shards, resolve_sources):  # `data inspect` and the loader
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'manifest.json'}: {message}")):
+            resolve(tmp_path)

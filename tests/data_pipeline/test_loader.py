@@ -57,6 +57,17 @@ def test_same_seed_same_stream(shards, tokenizer_path):
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
 
 
+def _state_after(config, consumed: int) -> dict:
+    """The loader's state after handing out ``consumed`` batches of an epoch."""
+    interrupted = ShardLoader(config)
+    iterator = iter(interrupted)
+    for _ in range(consumed):
+        next(iterator)
+    state = interrupted.state_dict()
+    del iterator
+    return state
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 @pytest.mark.parametrize("num_workers,consumed", [(2, 3), (2, 4), (0, 5), (3, 7)])
 def test_resume_gives_the_batches_of_an_uninterrupted_run(
@@ -65,13 +76,7 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(
     config = _config(shards, tokenizer_path, num_workers=num_workers)
     reference = list(ShardLoader(config))
 
-    interrupted = ShardLoader(config)
-    iterator = iter(interrupted)
-    for _ in range(consumed):
-        next(iterator)
-    state = interrupted.state_dict()
-    del iterator
-
+    state = _state_after(config, consumed)
     resumed = ShardLoader(config)
     resumed.load_state_dict(state)
     after = list(resumed)[:8]
@@ -178,3 +183,55 @@ def test_img2dataset_folder_is_read_unchanged(tmp_path, tokenizer_path):
         (tmp_path / f"{i:05d}.parquet").write_bytes(b"PAR1 not read")
     keys = _keys(ShardLoader(_config(tmp_path, tokenizer_path, num_workers=0)))
     assert sorted(keys) == [f"{i:09d}" for i in range(30)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_caption_that_is_not_utf8_skips_its_sample(tmp_path, tokenizer_path, num_workers):
+    # What `data inspect` calls bad_caption the loader does not train on.
+    write_shards(tmp_path, 20, per_shard=10, bad_caption=frozenset({4, 13}))
+    loader = ShardLoader(_config(tmp_path, tokenizer_path, num_workers=num_workers))
+    keys = _keys(loader)
+    assert sorted(keys) == [f"{i:09d}" for i in range(20) if i not in (4, 13)]
+    assert loader.skipped_total["bad_caption"] == 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skips_after_a_workers_last_batch_are_counted(tmp_path, tokenizer_path, num_workers):
+    # Each worker's last samples are corrupt: no batch follows them to carry the counts.
+    write_shards(tmp_path, 20, per_shard=10, corrupt=frozenset({8, 9, 18, 19}))
+    loader = ShardLoader(_config(tmp_path, tokenizer_path, num_workers=num_workers,
+                                 batch_size=4, shuffle_block=1))  # fmt: skip
+    assert len(_keys(loader)) == 16
+    assert loader.skipped_total["corrupt_image"] == 4
+
+
+@pytest.mark.parametrize("from_end", [1, 2, 3])
+def test_resume_after_a_worker_has_finished_its_epoch(tmp_path, tokenizer_path, from_end):
+    # Shards of 20, 20 and 5 samples over 2 workers; with seed 5, worker 1 reads the
+    # short one alone: it ends its epoch (its summary carrying the skip of sample 44,
+    # after its last batch) long before the checkpoint, near the end of worker 0's.
+    write_shards(tmp_path, 45, per_shard=20, corrupt=frozenset({44}))
+    config = _config(tmp_path, tokenizer_path, batch_size=4, shuffle_block=1, seed=5)
+    reference_loader = ShardLoader(config)
+    reference = list(reference_loader)
+    consumed = len(reference) - from_end
+
+    state = _state_after(config, consumed)
+    assert state["positions"][1] == 5 and state["skipped_total"]["corrupt_image"] == 1
+    resumed = ShardLoader(config)
+    resumed.load_state_dict(state)
+    after = list(resumed)
+    assert [b.keys for b in after] == [b.keys for b in reference[consumed:]]
+    assert resumed.skipped_total == reference_loader.skipped_total  # counted once
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "lzma"])
+def test_compressed_shards_are_read_from_files_and_commands(tmp_path, tokenizer_path, compression):
+    compress = __import__(compression).compress
+    (path,) = write_shards(tmp_path / "plain", 10, per_shard=10, manifest=False)
+    packed = tmp_path / f"00000.tar.{compression}"
+    packed.write_bytes(compress(path.read_bytes()))
+    for spec in (str(packed), f"pipe:cat {packed}"):
+        loader = ShardLoader(_config(spec, tokenizer_path, num_workers=0))
+        assert sorted(_keys(loader)) == [f"{i:09d}" for i in range(10)]
+        assert not +loader.skipped_total  # nothing skipped

@@ -98,3 +98,12 @@ def test_encode_into_writes_given_arrays(tokenizer):
     assert np.array_equal(ids, want_ids.numpy()) and np.array_equal(mask, want_mask.numpy())
     empty_ids, empty_mask = tokenizer([])
     assert empty_ids.shape == (0, 16) and empty_mask.shape == (0, 16)
+
+
+def test_captions_from_shards_skips_what_the_loader_skips(tmp_path):
+    from data_pipeline.tokenizer import captions_from_shards
+    from tests.data_pipeline.fake_shards import write_shards
+
+    write_shards(tmp_path, 10, per_shard=5, bad_caption=frozenset({2}), no_caption=frozenset({7}))
+    captions = list(captions_from_shards(tmp_path))
+    assert captions == [f"a photo of sample {i}" for i in range(10) if i not in (2, 7)]

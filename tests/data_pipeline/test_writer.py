@@ -237,3 +237,17 @@ def test_webdataset_reads_the_shards(tmp_path):
     assert len(samples) == 5
     image, caption, record = samples[1]
     assert image.size == (12, 10) and caption == record["caption"] == "caption number 2"
+
+
+def test_two_writes_of_the_same_input_give_the_same_manifest(tmp_path):
+    root = make_caption_folder(tmp_path / "src", 6)
+    (root / "img03.jpg").write_bytes(b"\xff\xd8 not really a jpeg")  # PIL names its BytesIO
+    (root / "img05.webp").write_bytes(b"RIFF\x00\x00\x00\x00WEBPVP8 cut")
+    (root / "img04.txt").write_bytes(b"caf\xe9\n")  # not UTF-8
+    first = write_shards(ImageFolderSource(root), tmp_path / "a").manifest
+    second = write_shards(ImageFolderSource(root), tmp_path / "b").manifest
+    assert first == second
+    reasons = [skip["reason"] for skip in first["skipped"]]
+    assert len(reasons) == 3
+    assert not [r for r in reasons if "0x" in r or str(tmp_path) in r], reasons
+    assert "image does not decode: UnidentifiedImageError: cannot identify image file" in reasons
