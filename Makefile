@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install megabatch (editable) with the dev tools
 
-test: $(STAMP) ## Lint, check formatting, then run the test suite (the CI command)
+test: $(STAMP) ## Lint, check formatting, then run the test suite on 2 workers (the CI command)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 demo: $(STAMP) ## The main job on the built-in data: digits shards, tiny CLIP on 2 CPU ranks, evaluation
 	$(BIN)/megabatch demo

@@ -1,18 +1,42 @@
-"""Checkpoints that count only once complete.
+"""Checkpoints: complete or absent, never code, and only as many as asked for.
 
-Layout: RUN/checkpoints/step00000100/ with DeepSpeed's files (model, optimizer and
-scheduler states, written by every rank in parallel), ``rank{r}.pt`` per rank (data
-reader position, RNG states) and ``meta.json`` (step, samples seen), and last a
-``COMPLETE`` marker. Everything is first written under ``.tmp-step00000100/`` and renamed
-after every rank has finished; ``resume=auto`` takes the newest directory that has the
-marker, so a checkpoint killed half-way is ignored (and cleaned up by the next save).
+Layout of one checkpoint, RUN/checkpoints/step00000100/ (the number is the steps done):
+
+    state/        DeepSpeed's files: model states, ZeRO optimizer partitions, scheduler
+    rank{r}.pt    rank r's data reader position and RNG states
+    meta.json     step, samples seen, that step's loss, world size, the resolved config
+    COMPLETE      the marker, written last
+
+Everything is written under ``.tmp-step00000100/``; once every rank reports its part
+written, rank 0 adds meta.json and the marker and renames the directory into place, so a
+``stepNNNNNNNN`` directory is whole (a killed save leaves only ``.tmp-*``, removed by the
+next save). If any rank fails to write (a full disk, most often) no rank goes on as if it
+had saved: every rank raises CheckpointWriteError and the previous checkpoint stays as it was.
+Names that are not ``step`` and eight digits (``step00000004.bak``, a user's copy) are
+not checkpoints and are left alone.
+
+Loading never unpickles more than ``torch.load(weights_only=True)`` allows: DeepSpeed's
+files go through ``WeightsOnlyCheckpointEngine`` (DeepSpeed's own loader would unpickle
+them with weights_only=False, so a planted file could run code), allowing on top of
+tensors and containers only the three plain DeepSpeed types its ZeRO optimizer files
+hold. A file that needs anything else is refused with a CheckpointError naming it.
+
+Retention: after each save rank 0 removes all but the newest ``keep`` complete
+checkpoints; the newest is the one just completed, so a checkpoint is only ever removed
+once a newer one is whole.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+import pickle
 import random
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +44,75 @@ import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+META = "meta.json"
+_NAME = re.compile(r"step(\d{8})")
 
 
-def _name(step: int) -> str:
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or is refused; the one-line message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (a full disk, most often); the previous one
+    is intact."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict
+
+    @property
+    def loss_is_finite(self) -> bool:
+        # Checkpoints written before the loss was recorded count as finite.
+        loss = self.meta.get("loss", 0.0)
+        return isinstance(loss, (int, float)) and math.isfinite(loss)
+
+
+def checkpoint_name(step: int) -> str:
     return f"step{step:08d}"
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
+def complete_checkpoints(root: Path) -> list[Checkpoint]:
+    """The complete checkpoints under ``root``, oldest first. Other names, directories
+    without the marker and unreadable meta.json files are not checkpoints."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")
-             and (p / COMPLETE).is_file()]  # fmt: skip
-    return sorted(found, key=lambda p: int(p.name[4:]))
+    found = []
+    for path in root.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match is None or not (path / COMPLETE).is_file():
+            continue
+        try:
+            meta = json.loads((path / META).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(meta, dict):
+            found.append(Checkpoint(path, int(match.group(1)), meta))
+    return sorted(found, key=lambda c: c.step)
 
 
+def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint directory named by the user (``train.resume=PATH``), checked."""
+    match = _NAME.fullmatch(path.name)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    if match is None or not (path / COMPLETE).is_file():
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (a stepNNNNNNNN directory with a "
+            f"{COMPLETE} marker)"
+        )
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path / META}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META} does not hold a mapping")
+    return Checkpoint(path, int(match.group(1)), meta)
+
+
+# --------------------------------------------------------------------------- RNG state
 def rng_state() -> dict:
     """Every generator's state, as tensors and plain lists (loadable with weights_only)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -56,32 +135,166 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save(engine, root: Path, step: int, rank: int, meta: dict, rank_state: dict) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+# --------------------------------------------------------------------------- saving
+def save(engine, root: Path, step: int, rank: int, device: torch.device, meta: dict,
+         rank_state: dict, keep: int | None) -> Path:  # fmt: skip
+    """Collective: every rank calls it. Returns the final directory; raises
+    CheckpointWriteError on every rank when any rank could not write its part."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{_name(step)}"
-    final = root / _name(step)
+    tmp, final = root / f".tmp-{checkpoint_name(step)}", root / checkpoint_name(step)
     if rank == 0:
         for stale in root.glob(".tmp-*"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
+        for old in root.glob(".old-step*"):  # a save of a step again, killed mid-swap
+            kept = root / old.name[len(".old-") :]
+            if kept.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # the new one never took its place: the old one is the checkpoint
+                old.rename(kept)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag="state", save_latest=False)
-    torch.save(rank_state, tmp / f"rank{rank}.pt")
-    dist.barrier()  # every rank's files are on disk
+    failure = None
+    try:
+        engine.save_checkpoint(str(tmp), tag="state", save_latest=False)
+        torch.save(rank_state, tmp / f"rank{rank}.pt")
+        if rank == 0:
+            _write_durably(tmp / META, json.dumps(meta))
+            _write_durably(tmp / COMPLETE, str(step))
+    except (OSError, RuntimeError) as exc:
+        failure = _describe_write_failure(exc, tmp, step, root)
+    # Every rank learns whether every part was written: a save is all or nothing.
+    failed = torch.tensor([int(failure is not None)], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+    if failed.item():
+        dist.barrier()  # every rank has stopped writing before rank 0 removes the parts
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            failure
+            or f"checkpoint step {step} not saved: {failed.item()} rank(s) could not "
+            f"write their part (see their errors); {_previous(root)}"
+        )
     if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".old-{checkpoint_name(step)}"
+        if final.exists():  # the same step saved again (resumed from an older checkpoint)
+            final.rename(old)
         tmp.rename(final)
-        (final / COMPLETE).write_text(str(step))
+        shutil.rmtree(old, ignore_errors=True)
+        if keep is not None:
+            prune(root, keep)
     dist.barrier()
     return final
 
 
-def load(engine, path: Path, rank: int) -> tuple[dict, dict]:
-    """(meta, this rank's state); restores model, optimizer and scheduler in place."""
-    engine.load_checkpoint(str(path), tag="state", load_module_strict=True,
-                           load_optimizer_states=True, load_lr_scheduler_states=True)  # fmt: skip
-    meta = json.loads((path / "meta.json").read_text())
-    rank_state = torch.load(path / f"rank{rank}.pt", weights_only=True)
-    return meta, rank_state
+def prune(root: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` complete checkpoints; returns what was removed."""
+    removed = [c.path for c in complete_checkpoints(root)[:-keep]]
+    for path in removed:
+        # The marker goes first: a removal cut short leaves an incomplete directory,
+        # which is never taken for a checkpoint.
+        (path / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _describe_write_failure(exc: BaseException, tmp: Path, step: int, root: Path) -> str:
+    """One line for a failed write; a full disk is said as such (torch reports it as
+    'basic_ios::clear: iostream error' or 'PytorchStreamWriter failed writing file')."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if not full and free is not None:
+        full = free < 1 << 20 or "No space left" in text or "iostream error" in text
+    if full:
+        what = f"{free / 2**20:.1f} MiB free" if free is not None else "no space left"
+        return (f"checkpoint step {step} not saved: the disk holding {root} is full ({what}); "
+                f"{_previous(root)}")  # fmt: skip
+    return f"checkpoint step {step} not saved: cannot write {tmp}: {text}; {_previous(root)}"
+
+
+def _previous(root: Path) -> str:
+    found = complete_checkpoints(root)
+    return f"the previous checkpoint {found[-1].path} is intact" if found else "no checkpoint yet"
+
+
+# --------------------------------------------------------------------------- loading
+# The non-tensor types DeepSpeed's ZeRO 1/2 optimizer files hold (from
+# torch.serialization.get_unsafe_globals_in_checkpoint on fp32, bf16 and fp16 runs): plain
+# data classes and an enum, whose unpickling sets attributes and runs no code of the file's.
+_DEEPSPEED_TYPES = (
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
+
+
+def load_weights_only(path: Path, map_location=None):
+    """``torch.load`` that runs no code from the file: weights_only, with DeepSpeed's
+    plain types allowed. Anything else is a CheckpointError naming the file."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(m), n) for m, n in _DEEPSPEED_TYPES]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - only for the message
+            unsafe = "objects"
+        raise CheckpointError(
+            f"refusing to load {path}: it needs {unsafe}, which a weights-only load does not "
+            "allow (a file megabatch did not write, or one that was tampered with)"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path}: {first}") from None
+
+
+def _weights_only_engine(config_params):
+    """DeepSpeed's torch checkpoint engine with ``load`` through load_weights_only: every
+    file DeepSpeed's load_checkpoint reads goes through its engine's ``load``."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_weights_only(Path(path), map_location)
+
+    return WeightsOnlyCheckpointEngine(config_params)
+
+
+def load(engine, checkpoint: Checkpoint, rank: int) -> dict:
+    """Restore model, optimizer and scheduler in place; returns this rank's state (data
+    position, RNG)."""
+    _load_deepspeed(engine, checkpoint, module_only=False)
+    return load_weights_only(checkpoint.path / f"rank{rank}.pt")
+
+
+def load_module(engine, checkpoint: Checkpoint) -> None:
+    """The model's weights only (evaluation): no optimizer, scheduler or rank files read."""
+    _load_deepspeed(engine, checkpoint, module_only=True)
+
+
+def _load_deepspeed(engine, checkpoint: Checkpoint, module_only: bool) -> None:
+    states = checkpoint.path / "state"
+    if not any(states.glob("mp_rank_*_model_states.pt")):
+        # DeepSpeed would fail on a bare assert.
+        raise CheckpointError(f"cannot read {checkpoint.path}: no model states in {states}")
+    engine.checkpoint_engine = _weights_only_engine(engine._config)
+    load_path, _ = engine.load_checkpoint(
+        str(checkpoint.path), tag="state", load_module_strict=True,
+        load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only,
+        load_module_only=module_only,
+    )  # fmt: skip
+    if load_path is None:
+        raise CheckpointError(f"cannot read {checkpoint.path}: DeepSpeed found no checkpoint")

@@ -3,6 +3,7 @@
 import argparse
 import os
 import platform
+import signal
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -10,6 +11,7 @@ from importlib import metadata
 from data_pipeline.cli import add_data_commands
 from trainer import __version__
 from trainer.commands import add_train_commands
+from trainer.torchrun import add_launch_command, launch, record_exit_status
 
 # Distributions reported by `megabatch env`, by their installed (PyPI) names.
 _REPORTED_PACKAGES = (
@@ -94,13 +96,44 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=_cmd_env)
     add_data_commands(commands)
     add_train_commands(commands)
+    add_launch_command(commands)
     return parser
 
 
+def _exit_status(code: object) -> int:
+    """The status a process exiting with ``sys.exit(code)`` has: None is 0, an integer is
+    taken modulo 256, anything else (a message) is 1."""
+    if code is None:
+        return 0
+    return code & 0xFF if isinstance(code, int) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit status (argparse exits 2 on bad usage)."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the CLI; returns the process exit status (argparse exits 2 on bad usage).
+
+    Under ``megabatch launch`` (MEGABATCH_EXIT_DIR set) every rank records that status for
+    the launcher on its way out, whatever the exit path: a returned status, SystemExit,
+    Ctrl-C (130) or an exception (1). Only a killed process records nothing."""
+    status = 1  # an uncaught exception: Python exits 1
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["launch"]:
+            # Straight to the launcher: argparse's REMAINDER cannot take the torchrun
+            # options that come before COMMAND.
+            code = launch(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            code = args.func(args)
+        status = _exit_status(code)
+        return code
+    except SystemExit as exc:
+        status = _exit_status(exc.code)
+        raise
+    except KeyboardInterrupt:
+        status = 128 + signal.SIGINT  # 130, as a shell reports the SIGINT Python then dies of
+        raise
+    finally:
+        record_exit_status(status)
 
 
 if __name__ == "__main__":

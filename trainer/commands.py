@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, load_config
+from trainer.preflight import check_run
+from trainer.stop_signals import StopSignals
 
 DEMO_DATA = Path("data/digits")
 
@@ -17,11 +20,14 @@ DEMO_DATA = Path("data/digits")
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="train CLIP or SimCLR (under torchrun/srun for several ranks)",
+        help="train CLIP or SimCLR (several ranks: megabatch launch, or srun)",
         description="Train from a YAML config with key=value overrides, e.g. "
-        "`megabatch train run.yaml optim.lr=3e-4`. Writes RUN/config.yaml, metrics.jsonl, "
-        "checkpoints/, results.json and plots/. Exit status 75 after a SIGTERM/SIGUSR1 "
-        "save: requeue the job and it resumes (train.resume=auto).",
+        "`megabatch train run.yaml optim.lr=3e-4`. Writes RUN/config.yaml, configs/ (every "
+        "start's config), metrics.jsonl, checkpoints/, results.json and plots/. Resumes "
+        "from the newest complete checkpoint (train.resume=auto); a change to what a step "
+        "means (model, batch arithmetic, task, data order) is refused. Exit status: 0 done, "
+        "2 bad config or input, 1 failed, 75 saved after SIGTERM/SIGUSR1 (requeue the job "
+        "unchanged and it resumes).",
     )
     train.add_argument("config", nargs="?", help="YAML config (optional with preset=...)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -41,7 +47,7 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         "demo",
         help="build the digits demo, train the tiny CLIP on 2 CPU ranks, evaluate",
         description="Writes the demo shards and tokenizer under data/digits if missing, "
-        "trains preset demo-clip with torchrun on 2 ranks, and prints the evaluation.",
+        "trains preset demo-clip on 2 ranks (megabatch launch), and prints the evaluation.",
     )
     demo.add_argument("--ranks", type=int, default=2)
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -61,40 +67,76 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
         config_path, overrides = None, [config_path, *overrides]
-    try:
-        config = load_config(config_path, overrides)
-        config.validate(world_size=_world_size_from_env())  # before any process group
-    except ConfigError as exc:
-        return _fail("train", str(exc))
-    return _run(config, evaluate_only=False)
+    with StopSignals() as signals:  # from now on a stop signal is not lost
+        try:
+            config = load_config(config_path, overrides)
+            plan = check_run(config, _world_size_from_env())  # before any process group
+        except ConfigError as exc:
+            return _fail("train", str(exc))
+        return _run("train", config, plan, signals)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.run_dir / "config.yaml", ["train.resume=auto", *args.overrides])
-        config.validate(world_size=_world_size_from_env())
+        # The run is where it is now: its config.yaml may name where it was trained.
+        config = load_config(args.run_dir / "config.yaml",
+                             [f"run_dir={args.run_dir}", "train.resume=auto", *args.overrides])  # fmt: skip
+        plan = check_run(config, _world_size_from_env(), for_eval=True)
+        if plan.checkpoint is None:
+            raise ConfigError(f"no complete checkpoint to evaluate in {args.run_dir}/checkpoints")
     except ConfigError as exc:
         return _fail("eval", str(exc))
-    return _run(config, evaluate_only=True)
+    return _run("eval", config, plan)
 
 
-def _run(config, evaluate_only: bool) -> int:
+def _run(command: str, config, plan, signals: StopSignals | None = None) -> int:
+    """Build the world and the trainer, run the command; errors are one line per rank
+    (the rank named when there are several) and an exit status: 2 for bad input (data,
+    a refused checkpoint), 1 for a failed run, 75 to requeue."""
+    from data_pipeline.errors import DataError
+    from trainer.checkpoint import CheckpointError, CheckpointWriteError
     from trainer.launch import init_world
+    from trainer.peers import PeerLostError, is_collective_failure
     from trainer.train import NonFiniteLossError, Trainer
 
-    world = init_world()
-    trainer = Trainer(config, world)
+    if signals is not None and signals.received:  # before anything started: nothing to save
+        print(f"megabatch {command}: {signals.received} while starting; exiting for requeue",
+              file=sys.stderr)  # fmt: skip
+        return 75
+    world = init_world(config.train.collective_timeout_s)
+    who = f"megabatch {command}: " + (f"rank {world.rank}: " if world.world_size > 1 else "")
+    status, reason = 1, ""
     try:
-        if evaluate_only:
+        trainer = Trainer(config, world, plan, signals)
+        if command == "eval":
             results = trainer.evaluate_checkpoint()
             if world.is_main:
                 print(json.dumps(results, indent=2))
-            return 0
-        return trainer.train()["exit_code"]
-    except NonFiniteLossError as exc:
+            status = 0
+        else:
+            status = trainer.train()["exit_code"]
+    except NonFiniteLossError as exc:  # the same on every rank: said once
+        status, reason = 1, str(exc)
         if world.is_main:
-            print(f"megabatch train: error: {exc}", file=sys.stderr)
-        return 1
+            print(f"megabatch {command}: error: {exc}", file=sys.stderr)
+    except (DataError, CheckpointError) as exc:
+        status, reason = (1 if isinstance(exc, CheckpointWriteError) else 2), str(exc)
+        print(f"{who}error: {exc}", file=sys.stderr)
+    except PeerLostError as exc:
+        status, reason = (75 if exc.verdict.requeue else 1), str(exc)
+        print(f"{who}error: {exc}", file=sys.stderr)
+    except RuntimeError as exc:
+        if world.peers is None or not is_collective_failure(exc):
+            raise
+        # gloo's "[.../pair.cc:553] Connection closed by peer [addr]. This is ...": the gist.
+        gist = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". ")[0]
+        verdict = world.peers.describe_failure(f"a collective failed ({gist[:160]})")
+        status, reason = (75 if verdict.requeue else 1), verdict.message
+        print(f"{who}error: {verdict.message}", file=sys.stderr)
+    finally:
+        if world.peers is not None:
+            world.peers.exited(status, reason)
+    return status
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -109,9 +151,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         captions = list(captions_from_shards(str(DEMO_DATA / "train")))
         CaptionTokenizer.train(captions, vocab_size=1000).save(tokenizer)
     config = load_config(None, ["preset=demo-clip", *args.overrides])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.ranks}", "-m", "trainer.cli", "train",
-               "preset=demo-clip", *args.overrides]  # fmt: skip
+    command = [sys.executable, "-m", "trainer.cli", "launch", f"--nproc-per-node={args.ranks}",
+               "train", "preset=demo-clip", *args.overrides]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
     code = subprocess.run(command, env=env, check=False).returncode

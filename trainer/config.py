@@ -13,6 +13,7 @@ raised before any process group starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +59,12 @@ class DataConfig:
     (auto: when installed), PIL for the rest; pil: PIL for everything."""
     shuffle_block: int = 1000
     resampled: bool = False
+    max_image_pixels: int = 2**26
+    """Pixels an image may decode to (checked from its header; a JPEG after its reduced
+    decode); a bigger one is skipped and counted (``oversized_image``)."""
+    max_member_bytes: int = 64 * 2**20
+    """Bytes one tar member may hold (checked from its header); a bigger one is streamed
+    past unread and its sample skipped and counted (``oversized_member``)."""
     classnames: str | None = None
     """classnames.json for zero-shot evaluation (None: beside the val shards' folder)."""
     templates: str | None = None
@@ -122,10 +129,17 @@ class TrainConfig:
     """Steps between evaluations (None: only at the end)."""
     checkpoint_every_steps: int | None = 500
     checkpoint_every_minutes: float | None = 30.0
+    keep_checkpoints: int | None = 3
+    """Complete checkpoints kept (the newest ones); None keeps every one. An older one is
+    removed only once a newer one is complete."""
     resume: str = "auto"
-    """``auto`` (newest complete checkpoint in the run directory, if any), ``none``, or a path."""
+    """``auto`` (newest complete checkpoint in the run directory, if any), ``none``, or a
+    checkpoint directory (RUN/checkpoints/stepNNNNNNNN)."""
     max_nonfinite_steps: int = 5
     """Consecutive non-finite losses that stop the run."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective (all-reduce, barrier, ...) may wait for the other ranks before
+    the run stops with an error naming the rank that stopped answering."""
 
 
 @dataclass
@@ -159,14 +173,32 @@ class RunConfig:
              "3 is not supported yet (use 0-2; transformers' towers need zero.Init first)"),
             ("optim.lr", self.optim.lr > 0, "must be > 0"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
+            ("optim.betas", all(0 <= b < 1 for b in self.optim.betas), "must be in [0, 1)"),
+            ("optim.eps", self.optim.eps >= 0, "must be >= 0"),
+            ("optim.momentum", 0 <= self.optim.momentum < 1, "must be in [0, 1)"),
+            ("optim.grad_clip", _none_or(self.optim.grad_clip, lambda v: v > 0), "must be > 0"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("model.embed_dim", _none_or(self.model.embed_dim, lambda v: v >= 1), "must be >= 1"),
+            ("data.load_size", _none_or(self.data.load_size, lambda v: v >= 8), "must be >= 8"),
+            ("data.shuffle_block", self.data.shuffle_block >= 1, "must be >= 1"),
+            ("data.max_image_pixels", self.data.max_image_pixels >= 1, "must be >= 1"),
+            ("data.max_member_bytes", self.data.max_member_bytes >= 1, "must be >= 1"),
+            ("data.eval_max_samples", self.data.eval_max_samples >= 1, "must be >= 1"),
             ("loss.temperature", self.loss.temperature > 0, "must be > 0"),
             ("loss.init_logit_scale", 0 < self.loss.init_logit_scale <= self.loss.max_logit_scale,
              "must be in (0, loss.max_logit_scale]"),
             ("train.max_steps", self.train.max_steps >= 1, "must be >= 1"),
             ("train.log_every", self.train.log_every >= 1, "must be >= 1"),
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps >= 1, "must be >= 1"),
+            ("train.eval_every", _none_or(self.train.eval_every, lambda v: v >= 1), "must be >= 1"),
+            ("train.checkpoint_every_steps",
+             _none_or(self.train.checkpoint_every_steps, lambda v: v >= 1), "must be >= 1"),
+            ("train.checkpoint_every_minutes",
+             _none_or(self.train.checkpoint_every_minutes, lambda v: v > 0), "must be > 0"),
+            ("train.keep_checkpoints",
+             _none_or(self.train.keep_checkpoints, lambda v: v >= 1), "must be >= 1"),
+            ("train.collective_timeout_s", self.train.collective_timeout_s > 0, "must be > 0"),
             ("model.image_size", self.model.image_size >= 8, "must be >= 8"),
             ("model.context_length", self.model.context_length >= 3, "must be >= 3"),
         ]  # fmt: skip
@@ -181,8 +213,19 @@ class RunConfig:
                 f"{self.batch.accumulation_steps} x {world_size} = "
                 f"{self.global_batch_size(world_size)}"
             )
+        for key in ("data.train", "data.val"):
+            value = _lookup(self, key)
+            if value is not None and not isinstance(value, (str, list)):
+                raise ConfigError(f"{key}: expected a shard specification, got {value!r}")
+            if value is not None and not value:
+                raise ConfigError(f"{key} is empty (give shards, or leave it out)")
         if self.task == "clip" and self.data.train is not None and self.data.tokenizer is None:
             raise ConfigError("data.tokenizer is required for task clip")
+
+
+def _none_or(value, rule) -> bool:
+    """Optional keys: None passes, a value must pass ``rule``."""
+    return value is None or rule(value)
 
 
 def _lookup(obj: Any, dotted: str) -> Any:
@@ -245,11 +288,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads "3e-4" (no dot) as a string; it is a number to a person.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -260,6 +305,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+def plain_dict(config: Any) -> dict:
+    """The config as JSON/YAML-ready data: nested dicts, lists for tuples."""
+    return _plain(to_dict(config))
 
 
 # --------------------------------------------------------------------------- merging
@@ -278,7 +328,12 @@ def _read_yaml(path: Path, what: str) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
-    except (OSError, yaml.YAMLError) as exc:
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = exc.problem or exc.context or "not YAML"
+        raise ConfigError(f"cannot read {what} {path}: {where}{problem}") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:  # ValueError: a NUL
         raise ConfigError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
@@ -324,7 +379,7 @@ def dump_config(config: RunConfig, path: str | Path, extra: dict | None = None) 
     world size, ...) go in comment lines on top, so the file loads back as a config."""
     path = Path(path)
     header = "".join(f"# {key}: {value}\n" for key, value in (extra or {}).items())
-    body = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+    body = yaml.safe_dump(plain_dict(config), sort_keys=False)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(header + body)
     tmp.replace(path)

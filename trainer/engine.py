@@ -75,9 +75,26 @@ def deepspeed_config(config: RunConfig) -> dict:
     return ds
 
 
+def import_deepspeed():
+    """``import deepspeed``, without the CPU op it would JIT-build at every start.
+
+    DeepSpeed's CPU accelerator builds a shared-memory all-reduce op
+    (``deepspeed_shm_comm``) when its communication backend starts, under a lock file in
+    the torch extensions cache: a start killed during that build leaves the lock behind
+    and every later start on the machine waits on it for ever, silently. The op serves only
+    DeepSpeed's inference all-reduce, which training never calls; marked incompatible, it
+    is not built, and that all-reduce falls back to torch.distributed's. DeepSpeed keeps
+    this table in its module so that edits to it persist (deepspeed/ops/__init__.py)."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def build_engine(model: nn.Module, config: RunConfig):
     """(engine, scheduler). The process group must exist (trainer.launch)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     schedule = warmup_cosine(
         config.optim.warmup_steps, config.train.max_steps, config.optim.min_lr_ratio
@@ -91,3 +108,27 @@ def build_engine(model: nn.Module, config: RunConfig):
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
     return engine, scheduler
+
+
+def apply_optimizer_config(engine, scheduler, config: RunConfig) -> None:
+    """After a checkpoint is loaded: the config's hyperparameters over the checkpoint's.
+
+    A checkpoint restores the optimizer's moments and the scheduler's step, but also the
+    learning rate, betas, eps and weight decay it was saved with (they live in the
+    optimizer's param_groups and the scheduler's base_lrs). The resume rules
+    (trainer.resume) let these change on resume, and a change must take effect: set them
+    again from the config, and the learning rate from the config's schedule at the
+    resumed step (the schedule function is always the config's: LambdaLR does not save
+    plain functions)."""
+    o = config.optim
+    groups = engine.optimizer.param_groups  # [decay, no decay]: param_groups' order
+    for group in groups:
+        if o.name in ("adamw", "lamb"):
+            group["betas"], group["eps"] = tuple(o.betas), o.eps
+        else:
+            group["momentum"] = o.momentum
+    groups[0]["weight_decay"] = o.weight_decay
+    scheduler.base_lrs = [o.lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = o.lr
+        group["lr"] = o.lr * factor(scheduler.last_epoch)

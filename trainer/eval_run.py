@@ -17,7 +17,8 @@ def _encode(task, model, spec, config: RunConfig, want_text: bool):
     loader = ShardLoader(
         LoaderConfig(shards=spec, task=task.name, batch_size=256, num_workers=0, seed=0,
                      shuffle_block=1, image=task.image, tokenizer=config.data.tokenizer,
-                     context_length=config.model.context_length, pin_memory=False),
+                     context_length=config.model.context_length, pin_memory=False,
+                     max_member_bytes=config.data.max_member_bytes),
     )  # fmt: skip
     images, texts, labels, n = [], [], [], 0
     for batch in loader:

@@ -5,6 +5,10 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under s
 SLURM_LOCALID, WORLD_SIZE = SLURM_NTASKS, MASTER_ADDR = the first host of
 SLURM_JOB_NODELIST (scontrol's expansion, when available), MASTER_PORT from the job id.
 A plain process is rank 0 of 1. CPU runs use gloo, GPU runs NCCL.
+
+Collectives wait ``collective_timeout_s`` for each other: beyond that a rank's
+``PeerWatch`` (trainer.peers) names the peer that stopped answering and ends the run; the
+process group's own timeout, a minute longer, is the backstop.
 """
 
 from __future__ import annotations
@@ -14,8 +18,16 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+from trainer.engine import import_deepspeed
+from trainer.peers import PeerWatch
+
+# How much longer than collective_timeout_s the process group itself waits: the peer
+# watch speaks first, with the name of the rank that stopped answering.
+BACKEND_TIMEOUT_MARGIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,7 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    peers: PeerWatch | None = None  # None for a single process
 
     @property
     def is_main(self) -> bool:
@@ -62,9 +75,9 @@ def slurm_to_torch_env(env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def init_world() -> World:
+def init_world(collective_timeout_s: float = 600.0) -> World:
     """Initialise the default process group (every run, one rank included: DeepSpeed
-    needs one) and pick this rank's device."""
+    needs one), pick this rank's device and, with several ranks, start the peer watch."""
     os.environ.update(slurm_to_torch_env(dict(os.environ)))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -80,10 +93,15 @@ def init_world() -> World:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return World(rank, world_size, local_rank, device)
+    deepspeed = import_deepspeed()
+    timeout = timedelta(seconds=collective_timeout_s + BACKEND_TIMEOUT_MARGIN_S)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
+    peers = None
+    if world_size > 1:
+        peers = PeerWatch(rank, world_size, collective_timeout_s, os.environ["MASTER_ADDR"],
+                          int(os.environ["MASTER_PORT"]))  # fmt: skip
+        peers.start()
+    return World(rank, world_size, local_rank, device, peers)
 
 
 def _free_port() -> int:

@@ -107,4 +107,4 @@ def make_task(config: RunConfig, device: torch.device, world_size: int):
 def _image_config(config: RunConfig) -> ImageConfig:
     """What the workers and the device do to images, from the run's model and data keys."""
     return ImageConfig(size=config.model.image_size, load_size=config.data.load_size,
-                       decoder=config.data.decoder)  # fmt: skip
+                       decoder=config.data.decoder, max_pixels=config.data.max_image_pixels)  # fmt: skip

@@ -1,11 +1,19 @@
 """The training loop: ``Trainer.train()`` -> ``train_step()`` (trainer.step, GradCache).
 
-Reads top to bottom: resume if asked, then per step take A micro-batches from the
-loader, run the GradCache step, and on the schedule log, checkpoint and evaluate. A
-SIGTERM or SIGUSR1 (Slurm's warning before preemption) makes every rank save at the end
-of the current step and exit with EXIT_REQUEUE. A non-finite loss skips the step's
-update; ``train.max_nonfinite_steps`` of them in a row stop the run with the last good
-checkpoint intact.
+Reads top to bottom: resume if asked (trainer.resume decided which checkpoint, before any
+process group), then per step take A micro-batches from the loader, run the GradCache
+step, and on the schedule log, checkpoint and evaluate.
+
+Signals: SIGTERM or SIGUSR1 (Slurm's warning before preemption) makes every rank save at
+the end of the current step and exit with EXIT_REQUEUE (the DataLoader workers ignore
+them: the rank decides). A signal that arrives while the rank waits for its data gives
+the batch DATA_WAIT_GRACE_S to arrive; if it does not, the rank exits EXIT_REQUEUE
+without saving (a save is collective and the step is half-taken), and the newest
+checkpoint is where the requeued run resumes.
+
+Non-finite losses skip the step's update; no checkpoint is written during such a streak
+(its weights are what made the loss non-finite), and ``train.max_nonfinite_steps`` of them
+in a row stop the run, naming the newest checkpoint, which resume=auto starts from.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import json
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -21,43 +30,59 @@ import torch.distributed as dist
 
 from data_pipeline.loader import LoaderConfig, ShardLoader
 from trainer import checkpoint
-from trainer.config import RunConfig, dump_config
-from trainer.engine import build_engine
+from trainer.config import RunConfig, dump_config, plain_dict
+from trainer.engine import apply_optimizer_config, build_engine
 from trainer.eval_run import evaluate
 from trainer.launch import World
 from trainer.metrics import JsonLinesSink, print_progress, progress_line
+from trainer.resume import ResumePlan, plan_resume
 from trainer.step import gradcache_step
+from trainer.stop_signals import StopSignals
 from trainer.tasks import make_task
 
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: saved on a signal; requeue and resume=auto
+# Seconds a signalled rank still waits for its batch. Long enough for a batch that is
+# merely slow (the step then ends and saves as usual), short against schedulers' grace
+# periods (Kubernetes: 30 s by default; Slurm: --signal's lead time, KillWait).
+DATA_WAIT_GRACE_S = 10.0
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+class SignalledWhileWaitingForData(Exception):
+    """Raised from SIGALRM: a signal came while this rank waited for data, and no batch
+    came within DATA_WAIT_GRACE_S."""
+
+
+def training_loader_config(config: RunConfig, image) -> LoaderConfig:
+    """What the training loader reads, from the run's data, batch and model keys."""
+    return LoaderConfig(
+        shards=config.data.train, task=config.task, seed=config.seed,
+        batch_size=config.batch.micro_batch_size, num_workers=config.data.num_workers,
+        shuffle_block=config.data.shuffle_block, resampled=config.data.resampled,
+        drop_last=True, image=image, tokenizer=config.data.tokenizer,
+        context_length=config.model.context_length, max_member_bytes=config.data.max_member_bytes,
+    )  # fmt: skip
+
+
 class Trainer:
-    def __init__(self, config: RunConfig, world: World):
+    def __init__(self, config: RunConfig, world: World, plan: ResumePlan | None = None,
+                 signals: StopSignals | None = None):  # fmt: skip
         self.config, self.world = config, world
+        self.signals = signals if signals is not None else StopSignals()
         self.run_dir = Path(config.run_dir)
+        self.plan = plan if plan is not None else plan_resume(config, world.world_size)
         self.task = make_task(config, world.device, world.world_size)
         torch.manual_seed(config.seed)  # same initial weights on every rank
         model = self.task.build_model().to(world.device)
         self.engine, self.scheduler = build_engine(model, config)
-        self.loader = ShardLoader(
-            LoaderConfig(
-                shards=config.data.train, task=config.task, seed=config.seed,
-                batch_size=config.batch.micro_batch_size, num_workers=config.data.num_workers,
-                shuffle_block=config.data.shuffle_block, resampled=config.data.resampled,
-                drop_last=True, image=self.task.image, tokenizer=config.data.tokenizer,
-                context_length=config.model.context_length,
-            ),
-            rank=world.rank, world_size=world.world_size,
-        )  # fmt: skip
+        self.loader = ShardLoader(training_loader_config(config, self.task.image),
+                                  rank=world.rank, world_size=world.world_size)  # fmt: skip
         self.sink = JsonLinesSink(self.run_dir / "metrics.jsonl") if world.is_main else None
         self.step, self.samples_seen, self.nonfinite_in_a_row = 0, 0, 0
-        self._signalled = False
-        self._batches = None
+        self._waiting_for_data = False
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -65,14 +90,20 @@ class Trainer:
         self._write_run_files()
         self._resume()
         self._install_signal_handlers()
-        self._batches = self._endless_batches()
+        batches = self._endless_batches()
         last_save, last_log = time.monotonic(), (time.monotonic(), self.step)
         saved_step, wait = self.step if self.step else None, 0.0
         while self.step < cfg.train.max_steps:
             t0 = time.monotonic()
-            micro = [self.task.inputs(next(self._batches), self.step, k)
-                     for k in range(cfg.batch.accumulation_steps)]  # fmt: skip
+            try:
+                micro = self._next_micro_batches(batches)
+            except SignalledWhileWaitingForData:
+                self._say(f"{self.signals.received} while waiting for data: no batch came within "
+                          f"{DATA_WAIT_GRACE_S:g} s; exiting for requeue without a save "
+                          f"({self._newest_checkpoint()})", every_rank=True)  # fmt: skip
+                return {"exit_code": EXIT_REQUEUE}
             wait += time.monotonic() - t0
+            self._phase("step")
             result = self.train_step(micro)
             self.step += 1
             self.samples_seen += cfg.global_batch_size(self.world.world_size)
@@ -87,17 +118,22 @@ class Trainer:
                 cfg.train.checkpoint_every_steps
                 and self.step % cfg.train.checkpoint_every_steps == 0
             ) or (minutes is not None and time.monotonic() - last_save > 60 * minutes)
-            save, stop = self._agree(bool(due), self._signalled)
-            if save or stop:
-                self.save()
+            self._phase("agree")
+            save, stop = self._agree(bool(due), self.signals.received is not None)
+            # The loss is the same on every rank, so every rank takes the same branch.
+            if (save or stop) and result.skipped:
+                if stop or self.nonfinite_in_a_row == 1:  # said once a streak, or on leaving
+                    self._say(f"step {self.step}: no checkpoint during a non-finite streak")
+            elif save or stop:
+                self.save(result.loss)
                 last_save, saved_step = time.monotonic(), self.step
             if stop:
                 return {"exit_code": EXIT_REQUEUE}
             last = self.step == cfg.train.max_steps  # the final evaluation follows
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not last:
                 self._evaluate()
-        if saved_step != self.step:  # the end, unless this very step was just saved
-            self.save()
+        if saved_step != self.step and self.nonfinite_in_a_row == 0:
+            self.save(result.loss)  # the end, unless this very step was just saved
         results = self._evaluate(final=True)
         if self.world.is_main:
             from trainer.plots import write_plots
@@ -106,8 +142,14 @@ class Trainer:
         return {"exit_code": 0, **results}
 
     def evaluate_checkpoint(self) -> dict:
-        """Load the newest complete checkpoint (train.resume) and evaluate it."""
-        self._resume()
+        """Load the model of the checkpoint the plan names and evaluate it."""
+        if self.plan.checkpoint is None:
+            raise checkpoint.CheckpointError(
+                f"no complete checkpoint to evaluate in {self.run_dir / 'checkpoints'}"
+            )
+        checkpoint.load_module(self.engine, self.plan.checkpoint)
+        self.step = self.plan.checkpoint.step
+        self._say(f"evaluating {self.plan.checkpoint.path} (step {self.step})")
         return self._evaluate(final=True)
 
     def train_step(self, micro_batches):
@@ -117,9 +159,17 @@ class Trainer:
         if result.skipped:
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
+                n, last = self.nonfinite_in_a_row, self.step + 1  # 1-based, as logged
+                first = last - n + 1
+                found = checkpoint.complete_checkpoints(self.run_dir / "checkpoints")
+                hint = ""
+                if found and found[-1].step == first - 1:  # its weights gave the first one
+                    hint = (f" (its weights gave step {first}'s non-finite loss: lower optim.lr, "
+                            "or train.resume=PATH an earlier checkpoint)")  # fmt: skip
                 raise NonFiniteLossError(
-                    f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step}; "
-                    f"stopped, the last good checkpoint in {self.run_dir / 'checkpoints'} is intact"
+                    f"{n} non-finite losses in a row (steps {first}-{last}); stopped. No "
+                    f"checkpoint was written during the streak: {self._newest_checkpoint()}, "
+                    f"which train.resume=auto starts from{hint}"
                 )
         else:
             self.nonfinite_in_a_row = 0
@@ -129,6 +179,21 @@ class Trainer:
     def _endless_batches(self):
         while True:  # epochs back to back; each rank's stream is its own
             yield from self.loader
+
+    def _next_micro_batches(self, batches) -> list:
+        """The step's A micro-batches. Signals are honoured here too: see the module's
+        docstring (SIGALRM, armed by the signal handler, ends a wait that outlasts the
+        grace period)."""
+        self._phase("data")
+        self._waiting_for_data = True
+        try:
+            if self.signals.received is not None:  # signalled before this wait
+                signal.setitimer(signal.ITIMER_REAL, DATA_WAIT_GRACE_S)
+            return [self.task.inputs(next(batches), self.step, k)
+                    for k in range(self.config.batch.accumulation_steps)]  # fmt: skip
+        finally:
+            self._waiting_for_data = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _agree(self, save: bool, stop: bool) -> tuple[bool, bool]:
         """Every rank must take the same decision (a save is collective): OR over ranks."""
@@ -141,7 +206,8 @@ class Trainer:
         loss = result.loss.item()  # host syncs on logging steps only
         values = {
             "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            # The learning rate of the next step (the scheduler has stepped).
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
             "logit_scale": result.logit_scale.item() if result.logit_scale is not None
             else 1 / self.config.loss.temperature,
             "samples_per_s": steps * self.config.global_batch_size(self.world.world_size) / max(elapsed, 1e-9),
@@ -156,33 +222,40 @@ class Trainer:
             remaining = (self.config.train.max_steps - self.step) * values["step_time_s"]
             print_progress(progress_line(self.step, self.config.train.max_steps, values, remaining))
 
-    def save(self) -> None:
-        meta = {"step": self.step, "samples_seen": self.samples_seen}
+    def save(self, loss: torch.Tensor) -> None:
+        """A checkpoint of the state after ``self.step`` steps, whose last loss was ``loss``
+        (finite: the loop never saves during a non-finite streak)."""
+        self._phase("save")
+        meta = {"step": self.step, "samples_seen": self.samples_seen, "loss": loss.item(),
+                "world_size": self.world.world_size, "config": plain_dict(self.config)}  # fmt: skip
         state = {"data": self.loader.state_dict(), "rng": checkpoint.rng_state()}
-        checkpoint.save(
-            self.engine, self.run_dir / "checkpoints", self.step, self.world.rank, meta, state
-        )
+        checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step, self.world.rank,
+                        self.world.device, meta, state, keep=self.config.train.keep_checkpoints)  # fmt: skip
 
     def _resume(self) -> None:
-        mode = self.config.train.resume
-        if mode == "none":
+        found = self.plan.checkpoint
+        if found is None:
             return
-        if mode == "auto":
-            found = checkpoint.complete_checkpoints(self.run_dir / "checkpoints")
-            if not found:
-                return
-            path = found[-1]
-        else:
-            path = Path(mode)
-        meta, state = checkpoint.load(self.engine, path, self.world.rank)
-        self.step, self.samples_seen = meta["step"], meta["samples_seen"]
+        state = checkpoint.load(self.engine, found, self.world.rank)
+        apply_optimizer_config(self.engine, self.scheduler, self.config)
+        self.step, self.samples_seen = found.meta["step"], found.meta["samples_seen"]
         self.loader.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
-        if self.world.is_main:
-            print_progress(f"resumed from {path} at step {self.step}")
+        self._say(f"resumed from {found.path} at step {self.step}")
+        for line in self.plan.describe():
+            self._say(line)
 
     def _evaluate(self, final: bool = False) -> dict:
+        """Rank 0 evaluates while the others wait for it as long as it is alive (not a
+        barrier: an evaluation may outlast the collective timeout)."""
+        self._phase("eval" if self.world.is_main else "eval-wait")
         results = evaluate(self.task, self.engine.module, self.config) if self.world.is_main else {}
+        if self.world.peers is not None:
+            name = f"eval-step{self.step}-{'final' if final else 'periodic'}"
+            if self.world.is_main:
+                self.world.peers.announce(name)
+            else:
+                self.world.peers.wait_for(0, name)
         if self.world.is_main and results:
             if self.sink is not None:
                 self.sink.write(self.step, {f"eval/{k}": v for k, v in results.items()})
@@ -195,20 +268,54 @@ class Trainer:
         return results
 
     def _write_run_files(self) -> None:
+        """RUN/config.yaml: the config this start runs with (what ``megabatch eval``
+        rebuilds); RUN/configs/NNN.yaml: every start's, in order, kept."""
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.config, self.run_dir / "config.yaml",
-                        extra={"git_revision": _git_revision(),
-                               "world_size": self.world.world_size,
-                               "global_batch_size": self.config.global_batch_size(self.world.world_size)})  # fmt: skip
+            history = self.run_dir / "configs"
+            history.mkdir(exist_ok=True)
+            start = len(list(history.glob("[0-9][0-9][0-9].yaml")))
+            found = self.plan.checkpoint
+            extra = {"git_revision": _git_revision(), "world_size": self.world.world_size,
+                     "global_batch_size": self.config.global_batch_size(self.world.world_size),
+                     "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                     "resumed_from": found.path if found else "none",
+                     "changed_on_resume": ", ".join(map(str, self.plan.applied)) or "none"}  # fmt: skip
+            dump_config(self.config, history / f"{start:03d}.yaml", extra=extra)
+            dump_config(self.config, self.run_dir / "config.yaml", extra=extra)
         dist.barrier()
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self._signalled = True
+        def on_stop_signal():
+            if self._waiting_for_data:
+                signal.setitimer(signal.ITIMER_REAL, DATA_WAIT_GRACE_S)
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        def on_alarm(signum, frame):
+            if self._waiting_for_data:
+                # Again in a second, in case cleanup on the way out blocks too (closing a
+                # pipe: source waits for its command); the wait's `finally` disarms it.
+                signal.setitimer(signal.ITIMER_REAL, 1.0)
+                raise SignalledWhileWaitingForData
+
+        self.signals.on_receive = on_stop_signal
+        self.signals.install()
+        signal.signal(signal.SIGALRM, on_alarm)
+
+    def _phase(self, name: str) -> None:
+        if self.world.peers is not None:
+            self.world.peers.phase(self.step, name)
+
+    def _newest_checkpoint(self) -> str:
+        found = checkpoint.complete_checkpoints(self.run_dir / "checkpoints")
+        if not found:
+            return "there is no checkpoint yet"
+        return f"the newest checkpoint is step {found[-1].step} ({found[-1].path})"
+
+    def _say(self, line: str, every_rank: bool = False) -> None:
+        if self.world.is_main:
+            print_progress(line)
+        elif every_rank:
+            print_progress(f"rank {self.world.rank}: {line}")
 
 
 def _git_revision() -> str:

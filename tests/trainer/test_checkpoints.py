@@ -1,0 +1,129 @@
+"""Checkpoints that do not lie: none written during a non-finite streak, stray names
+ignored, only the newest K kept, a full disk said as such with the previous checkpoint
+intact, and resume refusing config changes that alter what a step means."""
+
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainer.runs import ROOT, command, env, errors, overrides, train
+from trainer.config import load_config
+from trainer.resume import plan_resume
+
+
+def _checkpoints(run) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
+
+
+def _learning_rates(run) -> dict[int, float]:
+    """Per logged step, the learning rate of the next step."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["lr"] for r in map(json.loads, lines) if "lr" in r}
+
+
+def test_no_checkpoint_during_a_nonfinite_streak_and_resume_starts_before_it(data, tmp_path):
+    # lr 1e30: step 1's loss is finite, its update sends the weights to ~1e30, and every
+    # later loss is NaN.
+    run = tmp_path / "run"
+    extra = {"optim.lr": 1e30, "optim.warmup_steps": 0, "train.checkpoint_every_steps": 1,
+             "train.keep_checkpoints": "null", "train.max_nonfinite_steps": 3,
+             "train.max_steps": 20}  # fmt: skip
+    proc = train(overrides(data, run, **extra))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert _checkpoints(run) == ["step00000001"]
+    (line,) = errors(proc.stderr)
+    assert "3 non-finite losses in a row (steps 2-4)" in line
+    assert f"the newest checkpoint is step 1 ({run / 'checkpoints' / 'step00000001'})" in line
+    meta = json.loads((run / "checkpoints" / "step00000001" / "meta.json").read_text())
+    assert meta["step"] == 1 and meta["loss"] > 0
+    # What a restart resumes from (train.resume=auto): the checkpoint the line named.
+    plan = plan_resume(load_config(None, overrides(data, run, **extra)), world_size=1)
+    assert plan.checkpoint.path == run / "checkpoints" / "step00000001"
+
+
+def test_stray_names_are_ignored_and_only_the_newest_are_kept(data, tmp_path):
+    run = tmp_path / "run"
+    extra = {"train.checkpoint_every_steps": 1, "train.keep_checkpoints": 2}
+    assert train(overrides(data, run, **extra, **{"train.max_steps": 2})).returncode == 0
+    checkpoints = run / "checkpoints"
+    assert _checkpoints(run) == ["step00000001", "step00000002"]
+    shutil.copytree(checkpoints / "step00000002", checkpoints / "step00000002.bak")
+    (checkpoints / "step_old").mkdir()
+    (checkpoints / "step00000009").mkdir()  # no marker: not a checkpoint, not ours to remove
+
+    proc = train(overrides(data, run, **extra, **{"train.max_steps": 5}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'step00000002'} at step 2" in proc.stderr
+    assert _checkpoints(run) == [
+        "step00000002.bak", "step00000004", "step00000005", "step00000009", "step_old",
+    ]  # fmt: skip
+
+
+def test_a_full_disk_is_said_and_the_previous_checkpoint_stays_whole(data, tmp_path):
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace for a small tmpfs here: {probe.stderr.decode()[:200]}")
+    run = tmp_path / "run"
+    run.mkdir()
+    first = overrides(data, run, **{"train.checkpoint_every_steps": 1, "train.max_steps": 3,
+                                    "train.keep_checkpoints": 1})  # fmt: skip
+    previous = run / "checkpoints" / "step00000001"
+    # Every file of the previous checkpoint still loads (weights-only, as resume does).
+    load_all = ("from pathlib import Path; from trainer.checkpoint import load_weights_only; "
+                f"[load_weights_only(p) for p in sorted(Path('{previous}').rglob('*.pt'))]; "
+                "print('loaded')")  # fmt: skip
+    report = tmp_path / "report"
+    # A 16 MiB filesystem holds one checkpoint of the tiny model (about 11 MiB), not two:
+    # the second save fills it. The mount lives as long as the shell: check inside it.
+    script = (
+        f"mount -t tmpfs -o size=16m tmpfs {run} || exit 99\n"
+        f"{_shell(command(first))} 2> {report}.err; echo $? > {report}.rc\n"
+        f"ls -a {run / 'checkpoints'} > {report}.ls\n"
+        f"test -f {previous / 'COMPLETE'} && echo complete > {report}.load\n"
+        f"{_shell([sys.executable, '-c', load_all])} >> {report}.load 2>&1\n"
+    )
+    subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], cwd=ROOT,
+                   env=env(), timeout=150, check=True)  # fmt: skip
+    err = (tmp_path / "report.err").read_text()
+    assert (tmp_path / "report.rc").read_text().strip() == "1", err[-3000:]
+    (line,) = errors(err)
+    assert f"checkpoint step 2 not saved: the disk holding {run / 'checkpoints'} is full" in line
+    assert f"the previous checkpoint {run / 'checkpoints' / 'step00000001'} is intact" in line
+    assert (tmp_path / "report.ls").read_text().split() == [".", "..", "step00000001"]
+    assert (tmp_path / "report.load").read_text().split() == ["complete", "loaded"]
+
+
+def _shell(argv: list[str]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def test_resume_refuses_step_changes_applies_the_safe_ones_and_keeps_every_config(data, tmp_path):
+    run = tmp_path / "run"
+    base = {"train.checkpoint_every_steps": 2, "train.max_steps": 2, "optim.warmup_steps": 0}
+    assert train(overrides(data, run, **base)).returncode == 0
+
+    refused = train(overrides(data, run, **base, **{"batch.micro_batch_size": 4,
+                                                    "model.embed_dim": 64}))  # fmt: skip
+    assert refused.returncode == 2
+    (line,) = errors(refused.stderr)
+    assert "model.embed_dim None -> 64" in line and "batch.micro_batch_size 8 -> 4" in line
+    assert len(sorted((run / "configs").iterdir())) == 1  # nothing started
+
+    more = {**base, "train.max_steps": 4, "optim.lr": 1e-3, "optim.min_lr_ratio": 0.5}
+    proc = train(overrides(data, run, **more))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume: changed from the checkpoint's config: optim.lr 0.0005 -> 0.001" in proc.stderr
+    # The schedule is the new config's: cosine from 1e-3 at step 0 to 0.5e-3 at step 4.
+    after_step_3 = 1e-3 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert _learning_rates(run)[3] == pytest.approx(after_step_3)
+    history = sorted(p.name for p in (run / "configs").iterdir())
+    assert history == ["000.yaml", "001.yaml"]
+    first, second = ((run / "configs" / name).read_text() for name in history)
+    assert "lr: 0.0005" in first and "resumed_from: none" in first
+    assert "lr: 0.001" in second and "changed_on_resume: optim.lr 0.0005 -> 0.001" in second
+    assert (run / "config.yaml").read_text() == second
