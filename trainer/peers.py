@@ -129,7 +129,9 @@ class PeerWatch:
         key = DONE_KEY.format(name=name)
         while not self._main_store.check([key]):  # check() never blocks (no timeout noise)
             time.sleep(min(1.0, self.interval_s / 2))
-            verdict = self.verdict(f"rank {self.rank} waits for rank {rank} to finish {name}")
+            # Only that rank's heartbeat: every waiting rank reads it each second.
+            verdict = self.verdict(f"rank {self.rank} waits for rank {rank} to finish {name}",
+                                   ranks=[rank])  # fmt: skip
             if not verdict.store_answered or any(h.rank == rank for h in verdict.gone):
                 raise PeerLostError(verdict)
 
@@ -162,10 +164,12 @@ class PeerWatch:
                 return verdict
             time.sleep(self.interval_s / 2)
 
-    def verdict(self, what: str) -> Verdict:
+    def verdict(self, what: str, ranks: list[int] | None = None) -> Verdict:
+        """What the heartbeats of ``ranks`` (default: every other rank) say."""
         now = time.time()
+        ranks = [r for r in range(self.world_size) if r != self.rank] if ranks is None else ranks
         try:
-            beats = self._read_all()
+            beats = self._read(ranks)
         except Exception:  # noqa: BLE001 - a store that does not answer is the answer
             return Verdict(f"{what}; the rendezvous store at {self.host}:{self.port} does not "
                            "answer either: its host (rank 0, or torchrun on the first node) "
@@ -174,7 +178,7 @@ class PeerWatch:
             h for h in beats.values()
             if h.rank != self.rank and (h.exit_status is not None or now - h.time > self.stale_s)
         )  # fmt: skip
-        missing = [r for r in range(self.world_size) if r not in beats and r != self.rank]
+        missing = [r for r in ranks if r not in beats]
         parts = [
             h.describe(now) if h.exit_status is not None
             else f"rank {h.rank} stopped answering (last heartbeat {now - h.time:.0f} s ago, "
@@ -225,11 +229,10 @@ class PeerWatch:
                 "since": self._since, "exit_status": status, "reason": reason}  # fmt: skip
         self._store.set(KEY.format(rank=self.rank), json.dumps(beat))
 
-    def _read_all(self) -> dict[int, Heartbeat]:
+    def _read(self, ranks: list[int]) -> dict[int, Heartbeat]:
         store = self._client(timeout_s=self.interval_s * 2)
-        keys = [KEY.format(rank=r) for r in range(self.world_size)]
-        present = [r for r, key in enumerate(keys) if store.check([key])]
-        values = store.multi_get([keys[r] for r in present]) if present else []
+        present = [r for r in ranks if store.check([KEY.format(rank=r)])]  # get() would block
+        values = store.multi_get([KEY.format(rank=r) for r in present]) if present else []
         beats = {}
         for r, raw in zip(present, values, strict=True):
             data = json.loads(raw)

@@ -168,7 +168,7 @@ class Trainer:
                             "or train.resume=PATH an earlier checkpoint)")  # fmt: skip
                 raise NonFiniteLossError(
                     f"{n} non-finite losses in a row (steps {first}-{last}); stopped. No "
-                    f"checkpoint was written during the streak: {self._newest_checkpoint()}, "
+                    f"checkpoint was written during the streak: {_describe_newest(found)}, "
                     f"which train.resume=auto starts from{hint}"
                 )
         else:
@@ -306,16 +306,19 @@ class Trainer:
             self.world.peers.phase(self.step, name)
 
     def _newest_checkpoint(self) -> str:
-        found = checkpoint.complete_checkpoints(self.run_dir / "checkpoints")
-        if not found:
-            return "there is no checkpoint yet"
-        return f"the newest checkpoint is step {found[-1].step} ({found[-1].path})"
+        return _describe_newest(checkpoint.complete_checkpoints(self.run_dir / "checkpoints"))
 
     def _say(self, line: str, every_rank: bool = False) -> None:
         if self.world.is_main:
             print_progress(line)
         elif every_rank:
             print_progress(f"rank {self.world.rank}: {line}")
+
+
+def _describe_newest(found: list[checkpoint.Checkpoint]) -> str:
+    if not found:
+        return "there is no checkpoint yet"
+    return f"the newest checkpoint is step {found[-1].step} ({found[-1].path})"
 
 
 def _git_revision() -> str:
