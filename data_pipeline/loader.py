@@ -23,8 +23,8 @@ scheduler that stops a job signals the whole process tree, and torch's own worke
 handler would have the workers die first, taking the rank down with "DataLoader worker
 killed by signal" before it could save. The workers still end with the loader's own
 shutdown (a "done" event and a None in each index queue: at the end of an epoch, when
-its iterator is dropped, and at exit, ``_stop_workers_at_exit``), and when the rank dies:
-torch's watchdog in each worker sees the parent change and exits.
+its iterator is dropped, and at exit, ``_stop_workers_at_exit``), and when the rank dies
+the kernel kills them (``_die_with_the_rank``; torch's watchdog where that is not Linux).
 
 Resuming exactly: a worker's output depends only on (seed, epoch, slot) and how many raw
 samples it has consumed (its *position*), which every batch reports. The loader keeps the
@@ -37,6 +37,7 @@ that follow equal those of a run that never stopped.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import signal
 import weakref
@@ -472,6 +473,25 @@ def _leave_signals_to_the_rank(worker_id: int) -> None:
     for signum in RANK_SIGNALS:
         signal.signal(signum, _leave_to_the_rank)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, RANK_SIGNALS)
+    _die_with_the_rank()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_rank_pid: int | None = None  # the process that starts the workers (_start_workers)
+
+
+def _die_with_the_rank() -> None:
+    """Linux: the kernel SIGKILLs this worker the moment the rank that started it dies.
+    torch's watchdog only looks between batches (every 5 s), so a worker busy or stuck
+    in a batch could outlive a SIGKILLed rank by far; a worker has nothing to save.
+    (The death signal follows the thread that forked the worker: the loader is iterated
+    in the rank's main thread.) Elsewhere, torch's watchdog alone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if _rank_pid is not None and os.getppid() != _rank_pid:  # it died before the prctl
+        os._exit(1)
 
 
 def _leave_to_the_rank(signum, frame) -> None:
@@ -484,9 +504,10 @@ def _start_workers(loader: DataLoader):
     worker handler would act on a SIGTERM. This process's own mask is restored after, and
     a signal that came meanwhile is delivered then. The iterator is kept (weakly) for
     ``_stop_workers_at_exit``."""
-    global _exit_hook_registered
+    global _exit_hook_registered, _rank_pid
     if loader.num_workers == 0:
         return iter(loader)
+    _rank_pid = os.getpid()  # the workers, forked from here, compare their parent with it
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, RANK_SIGNALS)
     try:
         iterator = iter(loader)
