@@ -43,23 +43,29 @@ clean: ## Remove build and cache artefacts (keeps .venv; rm -rf .venv to start o
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 # --- Kernel targets -------------------------------------------------------------------
-# The GPU machine has torch and triton but no venv of ours (nor deepspeed/webdataset):
-# gpu-check runs with a plain interpreter, GPU_PYTHON, from the repository root.
+# The GPU machine has torch and triton but no venv of ours (nor deepspeed/webdataset) and
+# no network: gpu-check runs with a plain interpreter, GPU_PYTHON, from the repository
+# root, and installs nothing. `megabatch.kernels` is made importable by a symlink,
+# build/gpu-path/megabatch/kernels -> kernels/, with build/gpu-path on PYTHONPATH
+# (`megabatch` is a namespace package, so the folder needs no __init__.py). A
+# `pip install -e .` there would need setuptools>=69 in the image, which nobody promises.
 GPU_PYTHON ?= python3
+GPU_PATH   := build/gpu-path
+GPU_ENV    := PYTHONPATH=$(CURDIR)/$(GPU_PATH)$${PYTHONPATH:+:$$PYTHONPATH}
 # Compiling the Triton variants dominates the GPU tests: spread them over 4 workers
 # where pytest-xdist is installed.
 GPU_PYTEST_WORKERS = $(shell $(GPU_PYTHON) -c 'import xdist' 2>/dev/null && printf -- '-n 4')
 
 bench-kernels: $(STAMP) ## CPU kernel benchmark: prints the table, writes docs/benchmarks.md
-	$(BIN)/python -m kernels.benchmark --device cpu --losses clip,ntxent
+	$(BIN)/python -m megabatch.kernels.benchmark --device cpu --losses clip,ntxent
 
 bench-data: $(STAMP) ## Input pipeline benchmark (demo shards): prints the table, writes docs/benchmarks-data.md
-	$(BIN)/python -m data_pipeline.benchmark
+	$(BIN)/python -m megabatch.data_pipeline.benchmark
 
 bench-train: $(STAMP) ## One CLIP step at global batch 65,536 on 2 CPU ranks: time and peak memory per rank
 	test -f data/digits/train/manifest.json || $(BIN)/megabatch data write --from demo --out data/digits
 	test -f data/digits/tokenizer.json || $(BIN)/megabatch data tokenizer data/digits/train --out data/digits/tokenizer.json --vocab-size 1000
-	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=2 -m trainer.bench_train
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=2 -m megabatch.trainer.bench_train
 
 # Device time is scarce: every step runs even when one before it failed, and the exit
 # status is the first failure's. The per-pass benchmark ends with the experimental TMA
@@ -74,11 +80,15 @@ gpu-check: ## On a CUDA machine: gpu-test, then gpu-bench
 	step $(MAKE) --no-print-directory gpu-bench; \
 	exit $$status
 
-gpu-test: ## On a CUDA machine: the gpu-marked tests
-	$(GPU_PYTHON) -m pytest -m gpu tests/kernels -p no:cacheprovider -q $(GPU_PYTEST_WORKERS)
+$(GPU_PATH)/megabatch/kernels:
+	mkdir -p $(GPU_PATH)/megabatch
+	ln -sfn $(CURDIR)/kernels $@
 
-gpu-bench: ## On a CUDA machine: the kernel benchmarks -> docs/benchmarks.md, docs/benchmarks-passes.md
+gpu-test: $(GPU_PATH)/megabatch/kernels ## On a CUDA machine: the gpu-marked tests
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest -m gpu tests/kernels -p no:cacheprovider -q $(GPU_PYTEST_WORKERS)
+
+gpu-bench: $(GPU_PATH)/megabatch/kernels ## On a CUDA machine: the kernel benchmarks -> docs/benchmarks.md, docs/benchmarks-passes.md
 	$(RUN_ALL_STEPS); \
-	step $(GPU_PYTHON) -m kernels.benchmark --device cuda --losses clip,ntxent; \
-	step timeout 300 $(GPU_PYTHON) -m kernels.benchmark_passes; \
+	step env $(GPU_ENV) $(GPU_PYTHON) -m megabatch.kernels.benchmark --device cuda --losses clip,ntxent; \
+	step env $(GPU_ENV) timeout 300 $(GPU_PYTHON) -m megabatch.kernels.benchmark_passes; \
 	exit $$status

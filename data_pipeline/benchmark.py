@@ -1,6 +1,6 @@
 """Input pipeline throughput: samples per second, per stage and worker count.
 
-    python -m data_pipeline.benchmark            # builds 256 x 256 demo shards if missing
+    python -m megabatch.data_pipeline.benchmark            # builds 256 x 256 demo shards if missing
 
 Stages, each an endless stream over the demo's training shards in DataLoader worker
 processes (one DataLoader per row, so worker start-up is not timed), measured for at
@@ -42,11 +42,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.loader import LoaderConfig, ShardLoader, resolve_sources
-from data_pipeline.shard_format import IMAGE_EXTENSIONS
-from data_pipeline.shard_plan import Slot, epoch_share
-from data_pipeline.shard_stream import RateLimitedWarnings, source_samples
-from data_pipeline.transforms import DECODERS, ImageConfig, decode_image, jpeg_into, simplejpeg
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader, resolve_sources
+from megabatch.data_pipeline.shard_format import IMAGE_EXTENSIONS
+from megabatch.data_pipeline.shard_plan import Slot, epoch_share
+from megabatch.data_pipeline.shard_stream import RateLimitedWarnings, source_samples
+from megabatch.data_pipeline.transforms import (
+    DECODERS,
+    ImageConfig,
+    decode_image,
+    jpeg_into,
+    simplejpeg,
+)
 
 STAGES = ("read", "decode", "clip", "clip-resize", "simclr", "simclr-views")
 
@@ -114,7 +120,7 @@ def _measure(stage: str, workers: int, args, tokenizer: str) -> float:
     batches = iter(ShardLoader(config))
     if stage != "simclr-views":
         return _rate(batches, args.seconds, len)
-    from data_pipeline.views import SimCLRViews, ViewConfig
+    from megabatch.data_pipeline.views import SimCLRViews, ViewConfig
 
     views = SimCLRViews(ViewConfig(size=args.crop))
 
@@ -128,8 +134,8 @@ def _measure(stage: str, workers: int, args, tokenizer: str) -> float:
 
 def _ensure_demo(path: Path, image_size: int) -> Path:
     if not (path / "train" / "manifest.json").is_file():
-        from data_pipeline.demo import DemoOptions, write_demo
-        from data_pipeline.writer import ShardOptions
+        from megabatch.data_pipeline.demo import DemoOptions, write_demo
+        from megabatch.data_pipeline.writer import ShardOptions
 
         print(f"writing {image_size} x {image_size} demo shards to {path}", file=sys.stderr)
         # 100 samples a shard: 15 shards, enough for every worker to read its own.
@@ -141,14 +147,14 @@ def _ensure_demo(path: Path, image_size: int) -> Path:
 
 def _ensure_tokenizer(shards: Path, path: Path) -> str:
     if not path.is_file():
-        from data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
+        from megabatch.data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
 
         CaptionTokenizer.train(captions_from_shards(str(shards)), vocab_size=1000).save(path)
     return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.benchmark",
+    parser = argparse.ArgumentParser(prog="python -m megabatch.data_pipeline.benchmark",
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("--shards", type=Path, default=None,
                         help="shard folder (default: demo shards built under build/bench-data)")  # fmt: skip
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"# Input pipeline benchmark\n\n{dt.date.today().isoformat()}, "
         f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}. "
-        f"Command: `python -m data_pipeline.benchmark {' '.join(argv if argv is not None else sys.argv[1:])}`"
+        f"Command: `python -m megabatch.data_pipeline.benchmark {' '.join(argv if argv is not None else sys.argv[1:])}`"
         f". Shards: {args.shards}, batch {args.batch_size}, crop {args.crop}, clip workers' "
         f"side {args.load_size}, JPEG decoder {decoder}.\n\n"
     )

@@ -18,10 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.errors import DataError
-from data_pipeline.shard_format import atomic_write_json
-from data_pipeline.sources import Source, SourceSample
-from data_pipeline.writer import ShardOptions, WriteResult, prepare_output_dir, write_shards
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.shard_format import atomic_write_json
+from megabatch.data_pipeline.sources import Source, SourceSample
+from megabatch.data_pipeline.writer import (
+    ShardOptions,
+    WriteResult,
+    prepare_output_dir,
+    write_shards,
+)
 
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Training captions; {word} is the class name, {numeral} the digit.

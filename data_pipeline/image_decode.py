@@ -1,5 +1,5 @@
 """Image file bytes -> a decoded RGB PIL image, refusing what would decode to more than
-``max_pixels`` pixels (``data_pipeline.limits``) before decoding it.
+``max_pixels`` pixels (``megabatch.data_pipeline.limits``) before decoding it.
 
 One function for everyone who decodes shard images, so that they agree on which images
 are usable: the loader's workers (``transforms.decode_image``) and ``megabatch data
@@ -10,7 +10,7 @@ import io
 
 from PIL import Image
 
-from data_pipeline.limits import DEFAULT_MAX_PIXELS
+from megabatch.data_pipeline.limits import DEFAULT_MAX_PIXELS
 
 
 class CorruptImage(ValueError):

@@ -35,16 +35,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import DataError
-from data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
-from data_pipeline.shard_format import (
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
+from megabatch.data_pipeline.shard_format import (
     CAPTION_EXTENSIONS,
     IMAGE_EXTENSIONS,
     MANIFEST_NAME,
     TAR_BLOCK,
     split_member_name,
 )
-from data_pipeline.tar_members import READ_ERRORS, capped_tarinfo, plain_stream
+from megabatch.data_pipeline.tar_members import READ_ERRORS, capped_tarinfo, plain_stream
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 # The side the loader decodes to by default (ImageConfig's size): what a JPEG's reduced
@@ -263,7 +263,7 @@ class _ShardScan:
 
 def _decode_error(data: bytes, image_size: int, max_pixels: int) -> tuple[str, str] | None:
     """(problem kind, detail) when the loader would skip the image, else None."""
-    from data_pipeline.image_decode import CorruptImage, OversizedImage, decode_rgb
+    from megabatch.data_pipeline.image_decode import CorruptImage, OversizedImage, decode_rgb
 
     try:
         decode_rgb(data, image_size, max_pixels)
@@ -366,7 +366,7 @@ def inspect_shards(
     what is reported is what the loader would skip."""
     from tqdm import tqdm
 
-    from data_pipeline.limits import check_cap
+    from megabatch.data_pipeline.limits import check_cap
 
     for name, value in (("image_size", image_size), ("max_pixels", max_pixels),
                         ("max_member_bytes", max_member_bytes)):  # fmt: skip

@@ -16,7 +16,7 @@ What exceeds a cap is skipped and counted (``oversized_image``, ``oversized_memb
 by the loader and reported by ``megabatch data inspect``, with the same caps.
 """
 
-from data_pipeline.errors import DataError
+from megabatch.data_pipeline.errors import DataError
 
 DEFAULT_MAX_PIXELS = 2**26
 DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20

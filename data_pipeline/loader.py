@@ -50,14 +50,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batch_buffers import BatchLayout, BatchPools, batch_pools
-from data_pipeline.errors import DataError
-from data_pipeline.inspect_shards import resolve_shards
-from data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES, check_cap
-from data_pipeline.metadata import SampleMetadata
-from data_pipeline.shard_format import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
-from data_pipeline.shard_plan import Slot, epoch_share, mixing_order, resampled_shards
-from data_pipeline.shard_stream import (
+from megabatch.data_pipeline.batch_buffers import BatchLayout, BatchPools, batch_pools
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.inspect_shards import resolve_shards
+from megabatch.data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES, check_cap
+from megabatch.data_pipeline.metadata import SampleMetadata
+from megabatch.data_pipeline.shard_format import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
+from megabatch.data_pipeline.shard_plan import Slot, epoch_share, mixing_order, resampled_shards
+from megabatch.data_pipeline.shard_stream import (
     OVERSIZED,
     PIPE_PREFIX,
     RateLimitedWarnings,
@@ -67,7 +67,7 @@ from data_pipeline.shard_stream import (
     read_shard,
     source_samples,
 )
-from data_pipeline.transforms import (
+from megabatch.data_pipeline.transforms import (
     CorruptImage,
     ImageConfig,
     OversizedImage,
@@ -131,7 +131,7 @@ class LoaderConfig:
     """Batches each worker prepares ahead."""
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     """Bytes a tar member may hold; a bigger one is streamed past unread and its sample
-    skipped (``oversized_member``). See ``data_pipeline.limits``."""
+    skipped (``oversized_member``). See ``megabatch.data_pipeline.limits``."""
 
 
 @dataclass
@@ -571,7 +571,7 @@ class ShardLoader:
                 raise DataError(
                     "task 'clip' needs a tokenizer (build one with `megabatch data tokenizer`)"
                 )
-            from data_pipeline.tokenizer import CaptionTokenizer
+            from megabatch.data_pipeline.tokenizer import CaptionTokenizer
 
             self.tokenizer = CaptionTokenizer.load(config.tokenizer, config.context_length)
         self.epoch = 0

@@ -2,7 +2,7 @@
 start part-way (resuming). A raw sample is WebDataset's dict: ``__key__``, ``__url__``
 and one ``bytes`` entry per member extension (``jpg``, ``txt``, ``json``, ...), members
 grouped by key the way WebDataset groups them. A sample with a member over the member
-cap (``data_pipeline.limits``) has no entry for it and instead ``OVERSIZED``, saying
+cap (``megabatch.data_pipeline.limits``) has no entry for it and instead ``OVERSIZED``, saying
 which member: the loader skips such a sample as a whole.
 
 Bad shards (missing, unreadable, truncated) end early: the samples read so far count,
@@ -26,10 +26,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES
-from data_pipeline.shard_format import split_member_name
-from data_pipeline.shard_plan import block_permutation
-from data_pipeline.tar_members import READ_ERRORS, tar_members
+from megabatch.data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES
+from megabatch.data_pipeline.shard_format import split_member_name
+from megabatch.data_pipeline.shard_plan import block_permutation
+from megabatch.data_pipeline.tar_members import READ_ERRORS, tar_members
 
 log = logging.getLogger("megabatch.data")
 

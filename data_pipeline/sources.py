@@ -1,6 +1,6 @@
 """Where samples come from: a folder of images with sidecar captions, a table (CSV, TSV,
 JSONL or parquet) of image paths and captions, a folder of images alone (SimCLR), or the
-built-in demo (``data_pipeline.demo``).
+built-in demo (``megabatch.data_pipeline.demo``).
 
 Every source is listed and checked when it is built, before anything is written: a
 missing folder or table, an unknown column, a listed image that does not exist, an image
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_pipeline.errors import DataError
+from megabatch.data_pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -56,7 +56,7 @@ class SampleError(Exception):
 
 class Source(ABC):
     """A fixed, ordered list of samples. Sample ``i`` is always the same sample, which is
-    what lets an interrupted write resume: see ``data_pipeline.writer``."""
+    what lets an interrupted write resume: see ``megabatch.data_pipeline.writer``."""
 
     description: str
     """One line for the manifest and for messages, e.g. ``folder /data/pets (1200 images

@@ -1,6 +1,6 @@
 """The members of a tar shard (plain, gzip, bzip2 or xz), each checked against a byte
 cap from its header before its data is read: a member over the cap is streamed past,
-never held in memory (``data_pipeline.limits``).
+never held in memory (``megabatch.data_pipeline.limits``).
 
 Compression is recognised from the first bytes and undone by gzip's, bz2's or lzma's
 readers, which never return more than asked; tarfile then reads a plain stream.
@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES
+from megabatch.data_pipeline.limits import DEFAULT_MAX_MEMBER_BYTES
 
 # (magic bytes, reader) for the compressions a shard may have.
 _COMPRESSIONS = (

@@ -146,9 +146,9 @@ def captions_from_shards(spec) -> Iterable[str]:
     (``oversized_member``) is skipped, with the loader's rate-limited warnings."""
     from collections import Counter
 
-    from data_pipeline.loader import resolve_sources
-    from data_pipeline.shard_format import CAPTION_EXTENSIONS
-    from data_pipeline.shard_stream import OVERSIZED, RateLimitedWarnings, read_shard
+    from megabatch.data_pipeline.loader import resolve_sources
+    from megabatch.data_pipeline.shard_format import CAPTION_EXTENSIONS
+    from megabatch.data_pipeline.shard_stream import OVERSIZED, RateLimitedWarnings, read_shard
 
     warn, skipped = RateLimitedWarnings(), Counter()
     for source in resolve_sources(spec):

@@ -4,7 +4,7 @@ batched on the training device (resize to the model's input, normalise).
 Workers hand the trainer uint8 images, (B, 3, S, S) in channels-last memory: a quarter
 of the bytes of float32 through the worker queues and the host-to-device copy, and no
 transpose copy on the CPU. What needs floats happens on the training device, batched:
-``device_preprocess`` for CLIP, ``data_pipeline.views`` for SimCLR.
+``device_preprocess`` for CLIP, ``megabatch.data_pipeline.views`` for SimCLR.
 
 Resampling is the expensive part of a worker's job (on the development machine a
 256 -> 224 PIL resize costs more than the JPEG decode). When the shards' images are
@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 
 # CorruptImage and OversizedImage are what decode_into raises: importable from here.
-from data_pipeline.image_decode import CorruptImage, OversizedImage, decode_rgb  # noqa: F401
-from data_pipeline.limits import DEFAULT_MAX_PIXELS
+from megabatch.data_pipeline.image_decode import CorruptImage, OversizedImage, decode_rgb  # noqa: F401
+from megabatch.data_pipeline.limits import DEFAULT_MAX_PIXELS
 
 try:  # optional: a faster path for JPEGs that need no resampling
     import simplejpeg
@@ -63,7 +63,7 @@ class ImageConfig:
     installed, else PIL."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Pixels an image may decode to (a JPEG: after its reduced-scale decoding); a bigger
-    one is skipped unread (``oversized_image``). See ``data_pipeline.limits``."""
+    one is skipped unread (``oversized_image``). See ``megabatch.data_pipeline.limits``."""
 
 
 def check_decoder(decoder: str) -> None:

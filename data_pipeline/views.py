@@ -18,7 +18,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-from data_pipeline.transforms import CLIP_MEAN, CLIP_STD, normalize
+from megabatch.data_pipeline.transforms import CLIP_MEAN, CLIP_STD, normalize
 
 
 @dataclass(frozen=True)

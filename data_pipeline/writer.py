@@ -31,7 +31,7 @@ cap, an unreadable or empty caption) are skipped, never silently: each is listed
 manifest's ``skipped`` with its source id and the reason, and counted in the result.
 Reasons are stable (no object addresses, no paths: the id says which sample), so that
 two writes of the same input give the same manifest. An image is decoded only if its
-header says it fits ``max_pixels`` (``data_pipeline.limits``). Problems with the source
+header says it fits ``max_pixels`` (``megabatch.data_pipeline.limits``). Problems with the source
 as a whole (missing files, unknown columns) are found earlier, by the source itself.
 """
 
@@ -50,10 +50,10 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.errors import DataError
-from data_pipeline.image_decode import OversizedImage, check_pixels
-from data_pipeline.limits import DEFAULT_MAX_PIXELS, check_cap
-from data_pipeline.shard_format import (
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.image_decode import OversizedImage, check_pixels
+from megabatch.data_pipeline.limits import DEFAULT_MAX_PIXELS, check_cap
+from megabatch.data_pipeline.shard_format import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -65,7 +65,7 @@ from data_pipeline.shard_format import (
     tar_archive_bytes,
     tar_member_bytes,
 )
-from data_pipeline.sources import SampleError, Source
+from megabatch.data_pipeline.sources import SampleError, Source
 
 JOURNAL_NAME = "write_progress.jsonl"
 # Fields the writer puts into every sample's .json; a source's metadata may not use them.

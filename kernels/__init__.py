@@ -5,7 +5,7 @@ and benchmark run on a bare GPU machine that has only those two installed. Trito
 is imported only when the triton backend is first used.
 """
 
-from kernels.contrastive import clip_loss, ntxent_loss
-from kernels.distributed import all_gather_with_grad
+from megabatch.kernels.contrastive import clip_loss, ntxent_loss
+from megabatch.kernels.distributed import all_gather_with_grad
 
 __all__ = ["all_gather_with_grad", "clip_loss", "ntxent_loss"]

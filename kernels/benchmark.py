@@ -1,7 +1,7 @@
 """Benchmark the contrastive loss backends: time and extra memory of forward + backward.
 
-    python -m kernels.benchmark                       # CPU: fp32, D=256, N in 4096..65536
-    python -m kernels.benchmark --device cuda         # GPU: bf16, D=512, + N=1,048,576 (triton)
+    python -m megabatch.kernels.benchmark                       # CPU: fp32, D=256, N in 4096..65536
+    python -m megabatch.kernels.benchmark --device cuda         # GPU: bf16, D=512, + N=1,048,576 (triton)
 
 Prints a table and rewrites this device's section of docs/benchmarks.md (--output).
 Columns: backend, loss, N, D, dtype, ms for one forward + backward, effective GFLOP/s
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.contrastive import clip_loss, logits_flops, ntxent_loss
+from megabatch.kernels.contrastive import clip_loss, logits_flops, ntxent_loss
 
 LOSSES = {"clip": (clip_loss, 1 / 0.07), "ntxent": (ntxent_loss, 0.1)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,7 +177,7 @@ def _run_case(args, loss: str, backend: str, n: int) -> dict:
             return {**row, "note": "out of memory"}
     # CPU: one subprocess per case so that peak RSS belongs to this case alone.
     code = (
-        "import json, sys; from kernels.benchmark import _measure_cpu; "
+        "import json, sys; from megabatch.kernels.benchmark import _measure_cpu; "
         f"print(json.dumps(_measure_cpu({loss!r}, {backend!r}, {n}, {args.dim}, {args.dtype!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -234,7 +234,7 @@ def _write_section(path: Path, device: str, body: str) -> None:
     text = (
         path.read_text()
         if path.exists()
-        else "# Kernel benchmarks\n\nWritten by `python -m kernels.benchmark`; each device kind keeps its own section.\n"
+        else "# Kernel benchmarks\n\nWritten by `python -m megabatch.kernels.benchmark`; each device kind keeps its own section.\n"
     )
     sections = re.split(r"(?m)^(?=## )", text)
     head, rest = sections[0], [s for s in sections[1:] if not s.startswith(title)]
@@ -247,7 +247,7 @@ def _write_section(path: Path, device: str, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kernels.benchmark",
+        prog="python -m megabatch.kernels.benchmark",
         description="Time and memory of the contrastive loss backends (forward + backward).",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     unit = "TFLOP/s" if gpu else "GFLOP/s"
     table = _table(rows, unit)
     print(table)
-    command = "python -m kernels.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m megabatch.kernels.benchmark " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     body = (
         f"{dt.date.today().isoformat()}, {_device_name(args.device)}, torch {torch.__version__}"
         + (f", triton {_triton_version()}" if gpu else "")

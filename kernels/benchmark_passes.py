@@ -1,6 +1,6 @@
 """Time each pass of the Triton CLIP loss apart, with every autotune candidate's time.
 
-    python -m kernels.benchmark_passes            # CUDA only: N = 65,536, D = 512, bf16
+    python -m megabatch.kernels.benchmark_passes            # CUDA only: N = 65,536, D = 512, bf16
 
 The fused loss is three launches (kernels/contrastive.py): the forward row_logsumexp
 (2 N² D FLOPs: S once) and two row_gradient passes (4 N² D each: S again, then W @ Y).
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from kernels import _contrastive_triton as K
+from megabatch.kernels import _contrastive_triton as K
 
 
 def _features(n: int, d: int):
@@ -58,7 +58,7 @@ def _candidates(tuned) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kernels.benchmark_passes",
+        prog="python -m megabatch.kernels.benchmark_passes",
         description="Per-pass times of the Triton CLIP loss, with the autotune candidates.",
     )
     parser.add_argument("--n", type=int, default=65536)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (
         f"# Per-pass kernel times\n\n{dt.date.today().isoformat()}, "
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}. N = {n:,}, D = {d}, "
-        f"bf16. Command: `python -m kernels.benchmark_passes "
+        f"bf16. Command: `python -m megabatch.kernels.benchmark_passes "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
         f"{table}\n\n{candidates}\n"
     )

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels import _contrastive_torch
-from kernels.distributed import all_gather_rows, group_rank_and_size
+from megabatch.kernels import _contrastive_torch
+from megabatch.kernels.distributed import all_gather_rows, group_rank_and_size
 
 MODE_CLIP = 0
 MODE_NTXENT = 1
@@ -217,7 +217,7 @@ def _select_backend(backend: str, device: torch.device):
     if backend == "torch":
         return _contrastive_torch
     if backend == "triton":
-        from kernels import _contrastive_triton  # imports triton only when asked for
+        from megabatch.kernels import _contrastive_triton  # imports triton only when asked for
 
         return _contrastive_triton
     return None  # reference
@@ -264,7 +264,7 @@ def clip_loss(
     _check_group("clip_loss", process_group, backend)
     _check_backend_dtype(impl, image_features)
     if impl is None:
-        from kernels.reference import clip_loss_reference
+        from megabatch.kernels.reference import clip_loss_reference
 
         return clip_loss_reference(image_features, text_features, scale.reshape(()))
     scale = scale.reshape(1).to(image_features.device, _scale_dtype(image_features))
@@ -298,7 +298,7 @@ def ntxent_loss(
     _check_group("ntxent_loss", process_group, backend)
     _check_backend_dtype(impl, z1)
     if impl is None:
-        from kernels.reference import ntxent_loss_reference
+        from megabatch.kernels.reference import ntxent_loss_reference
 
         return ntxent_loss_reference(z1, z2, temp.reshape(()))
     scale = (1.0 / temp).reshape(1).to(z1.device, _scale_dtype(z1))

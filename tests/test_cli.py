@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import __version__
-from trainer.cli import main
+from megabatch.trainer import __version__
+from megabatch.trainer.cli import main
 
 # The console script installed next to this interpreter by `pip install -e .`.
 SCRIPT = Path(sys.executable).parent / "megabatch"
@@ -34,7 +34,7 @@ def test_env_reports_versions_and_devices(capsys):
 
 
 def test_env_does_not_import_deepspeed():
-    code = "import sys; from trainer.cli import main; main(['env']); assert 'deepspeed' not in sys.modules"
+    code = "import sys; from megabatch.trainer.cli import main; main(['env']); assert 'deepspeed' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 

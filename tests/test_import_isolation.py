@@ -5,7 +5,7 @@ import sys
 
 CHECK = """
 import sys
-import kernels
+import megabatch.kernels
 heavy = sorted(m for m in ("deepspeed", "webdataset") if m in sys.modules)
 assert not heavy, f"importing kernels pulled in {heavy}"
 print("ok")

@@ -1,6 +1,6 @@
 """megabatch trainer: config, models, losses, DeepSpeed engine, checkpoints, evaluation, CLI.
 
-Only the command-line entry point (``trainer.cli``) exists so far; the training loop
+Only the command-line entry point (``megabatch.trainer.cli``) exists so far; the training loop
 arrives with the trainer work.
 """
 

@@ -1,6 +1,6 @@
 """One CLIP step at a very large global batch on CPU ranks: time and peak memory per rank.
 
-    torchrun --standalone --nproc_per_node=2 -m trainer.bench_train     # make bench-train
+    torchrun --standalone --nproc_per_node=2 -m megabatch.trainer.bench_train     # make bench-train
 
 Global batch = micro x accumulation x ranks (default 1024 x 32 x 2 = 65,536), tiny
 towers on the digits demo shards read in resampled mode. The step is the real one
@@ -22,20 +22,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.config import load_config
+from megabatch.trainer.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.bench_train", description=__doc__.split("\n\n")[0]
+        prog="python -m megabatch.trainer.bench_train", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--micro", type=int, default=1024)
     parser.add_argument("--accumulation", type=int, default=32)
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-train.md"))
     args = parser.parse_args(argv)
 
-    from trainer.launch import init_world
-    from trainer.train import Trainer
+    from megabatch.trainer.launch import init_world
+    from megabatch.trainer.train import Trainer
 
     config = load_config(None, [
         "preset=demo-clip", "data.val=null", "data.resampled=true", "data.num_workers=1",
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             f"# Training step benchmark\n\n{dt.date.today().isoformat()}, {os.cpu_count()} CPU cores, "
             f"torch {torch.__version__}, tiny CLIP towers (preset demo-clip) on the digits demo "
             f"shards, fused loss backend {config.engine.loss_backend}. Command: `torchrun "
-            f"--standalone --nproc_per_node={world.world_size} -m trainer.bench_train "
+            f"--standalone --nproc_per_node={world.world_size} -m megabatch.trainer.bench_train "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n"
             "log(65,536) = 11.09: the loss of an untrained model over the whole batch.\n\n"
         )

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from data_pipeline.cli import add_data_commands
-from trainer import __version__
-from trainer.commands import add_train_commands
-from trainer.torchrun import add_launch_command, launch, record_exit_status
+from megabatch.data_pipeline.cli import add_data_commands
+from megabatch.trainer import __version__
+from megabatch.trainer.commands import add_train_commands
+from megabatch.trainer.torchrun import add_launch_command, launch, record_exit_status
 
 # Distributions reported by `megabatch env`, by their installed (PyPI) names.
 _REPORTED_PACKAGES = (

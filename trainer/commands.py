@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, load_config
-from trainer.preflight import check_run
-from trainer.stop_signals import StopSignals
+from megabatch.trainer.config import ConfigError, load_config
+from megabatch.trainer.preflight import check_run
+from megabatch.trainer.stop_signals import StopSignals
 
 DEMO_DATA = Path("data/digits")
 
@@ -93,11 +93,11 @@ def _run(command: str, config, plan, signals: StopSignals | None = None) -> int:
     """Build the world and the trainer, run the command; errors are one line per rank
     (the rank named when there are several) and an exit status: 2 for bad input (data,
     a refused checkpoint), 1 for a failed run, 75 to requeue."""
-    from data_pipeline.errors import DataError
-    from trainer.checkpoint import CheckpointError, CheckpointWriteError
-    from trainer.launch import init_world
-    from trainer.peers import PeerLostError, is_collective_failure
-    from trainer.train import NonFiniteLossError, Trainer
+    from megabatch.data_pipeline.errors import DataError
+    from megabatch.trainer.checkpoint import CheckpointError, CheckpointWriteError
+    from megabatch.trainer.launch import init_world
+    from megabatch.trainer.peers import PeerLostError, is_collective_failure
+    from megabatch.trainer.train import NonFiniteLossError, Trainer
 
     if signals is not None and signals.received:  # before anything started: nothing to save
         print(f"megabatch {command}: {signals.received} while starting; exiting for requeue",
@@ -140,8 +140,8 @@ def _run(command: str, config, plan, signals: StopSignals | None = None) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from data_pipeline.demo import write_demo
-    from data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
+    from megabatch.data_pipeline.demo import write_demo
+    from megabatch.data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
 
     if not (DEMO_DATA / "train" / "manifest.json").is_file():
         print(f"writing the digits demo shards to {DEMO_DATA}", file=sys.stderr)
@@ -151,7 +151,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         captions = list(captions_from_shards(str(DEMO_DATA / "train")))
         CaptionTokenizer.train(captions, vocab_size=1000).save(tokenizer)
     config = load_config(None, ["preset=demo-clip", *args.overrides])
-    command = [sys.executable, "-m", "trainer.cli", "launch", f"--nproc-per-node={args.ranks}",
+    command = [sys.executable, "-m", "megabatch.trainer.cli", "launch", f"--nproc-per-node={args.ranks}",
                "train", "preset=demo-clip", *args.overrides]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip

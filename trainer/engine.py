@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainer.config import RunConfig
+from megabatch.trainer.config import RunConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -93,7 +93,7 @@ def import_deepspeed():
 
 
 def build_engine(model: nn.Module, config: RunConfig):
-    """(engine, scheduler). The process group must exist (trainer.launch)."""
+    """(engine, scheduler). The process group must exist (megabatch.trainer.launch)."""
     deepspeed = import_deepspeed()
 
     schedule = warmup_cosine(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from trainer import evaluation
-from trainer.config import RunConfig
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.trainer import evaluation
+from megabatch.trainer.config import RunConfig
 
 
 def _encode(task, model, spec, config: RunConfig, want_text: bool):

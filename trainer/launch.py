@@ -7,7 +7,7 @@ SLURM_JOB_NODELIST (scontrol's expansion, when available), MASTER_PORT from the 
 A plain process is rank 0 of 1. CPU runs use gloo, GPU runs NCCL.
 
 Collectives wait ``collective_timeout_s`` for each other: beyond that a rank's
-``PeerWatch`` (trainer.peers) names the peer that stopped answering and ends the run; the
+``PeerWatch`` (megabatch.trainer.peers) names the peer that stopped answering and ends the run; the
 process group's own timeout, a minute longer, is the backstop.
 """
 
@@ -22,8 +22,8 @@ from datetime import timedelta
 
 import torch
 
-from trainer.engine import import_deepspeed
-from trainer.peers import PeerWatch
+from megabatch.trainer.engine import import_deepspeed
+from megabatch.trainer.peers import PeerWatch
 
 # How much longer than collective_timeout_s the process group itself waits: the peer
 # watch speaks first, with the name of the rank that stopped answering.

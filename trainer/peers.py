@@ -21,7 +21,7 @@ whose main thread has not moved for two beats then leaves too, with the same lin
 NCCL a collective with a departed peer would otherwise wait out the timeout).
 
 The process group's own timeout is set longer than ``collective_timeout_s`` (see
-``trainer.launch``), so this watch speaks first; when a collective fails before that (a
+``megabatch.trainer.launch``), so this watch speaks first; when a collective fails before that (a
 peer's connection closed), ``describe_failure`` reads the heartbeats the same way.
 A SIGSTOPped process stops all its threads, its heartbeat included: that is what makes
 it visible. Heartbeats compare wall clocks across nodes, which NTP keeps seconds apart,
@@ -261,7 +261,9 @@ def _exit_on_stall(watch: PeerWatch, verdict: Verdict) -> None:
     status = 75 if verdict.requeue else 1
     print(f"megabatch: rank {watch.rank}: error: {verdict.message}", file=sys.stderr, flush=True)
     watch.exited(status, "a peer stopped answering")
-    from trainer.torchrun import record_exit_status  # for `megabatch launch`, if it runs us
+    from megabatch.trainer.torchrun import (
+        record_exit_status,  # for `megabatch launch`, if it runs us
+    )
 
     record_exit_status(status)
     os._exit(status)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.config import ConfigError, RunConfig
-from trainer.resume import ResumePlan, plan_resume
+from megabatch.trainer.config import ConfigError, RunConfig
+from megabatch.trainer.resume import ResumePlan, plan_resume
 
 
 def check_run(config: RunConfig, world_size: int, for_eval: bool = False) -> ResumePlan:
@@ -31,7 +31,7 @@ def check_run(config: RunConfig, world_size: int, for_eval: bool = False) -> Res
 def _check_tokenizer(config: RunConfig) -> int:
     if config.task != "clip" or config.data.tokenizer is None:
         return 1
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from megabatch.data_pipeline.tokenizer import CaptionTokenizer
 
     path = Path(config.data.tokenizer)
     try:
@@ -47,13 +47,13 @@ def _check_model(config: RunConfig, vocab_size: int) -> None:
     m = config.model
     try:
         if config.task == "clip":
-            from trainer.models.clip import clip_config
+            from megabatch.trainer.models.clip import clip_config
 
             clip_config(m.preset, image_size=m.image_size, context_length=m.context_length,
                         vocab_size=vocab_size, pad_id=0, sot_id=0, eot_id=0,
                         embed_dim=m.embed_dim)  # fmt: skip
         else:
-            from trainer.models.simclr import encoder_config
+            from megabatch.trainer.models.simclr import encoder_config
 
             encoder_config(m.preset, m.image_size)
     except ValueError as exc:
@@ -61,8 +61,8 @@ def _check_model(config: RunConfig, vocab_size: int) -> None:
 
 
 def _check_shards(key: str, spec) -> None:
-    from data_pipeline.errors import DataError
-    from data_pipeline.loader import resolve_sources
+    from megabatch.data_pipeline.errors import DataError
+    from megabatch.data_pipeline.loader import resolve_sources
 
     try:
         resolve_sources(spec)

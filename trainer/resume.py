@@ -24,8 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint import Checkpoint, CheckpointError, complete_checkpoints, read_checkpoint
-from trainer.config import ConfigError, RunConfig, plain_dict
+from megabatch.trainer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    complete_checkpoints,
+    read_checkpoint,
+)
+from megabatch.trainer.config import ConfigError, RunConfig, plain_dict
 
 REFUSED = (
     "task", "seed", "model.", "batch.micro_batch_size", "batch.accumulation_steps",

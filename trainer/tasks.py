@@ -7,23 +7,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from data_pipeline.transforms import ImageConfig, device_preprocess
-from kernels import clip_loss, ntxent_loss
-from trainer.config import RunConfig
+from megabatch.data_pipeline.transforms import ImageConfig, device_preprocess
+from megabatch.kernels import clip_loss, ntxent_loss
+from megabatch.trainer.config import RunConfig
 
 
 class ClipTask:
     name = "clip"
 
     def __init__(self, config: RunConfig, device: torch.device, world_size: int):
-        from data_pipeline.tokenizer import CaptionTokenizer
+        from megabatch.data_pipeline.tokenizer import CaptionTokenizer
 
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = CaptionTokenizer.load(config.data.tokenizer, config.model.context_length)
         self.image = _image_config(config)
 
     def build_model(self):
-        from trainer.models.clip import ClipModel, clip_config
+        from megabatch.trainer.models.clip import ClipModel, clip_config
 
         m, tok = self.config.model, self.tokenizer
         cfg = clip_config(
@@ -61,7 +61,7 @@ class SimCLRTask:
     name = "simclr"
 
     def __init__(self, config: RunConfig, device: torch.device, world_size: int):
-        from data_pipeline.views import SimCLRViews, ViewConfig
+        from megabatch.data_pipeline.views import SimCLRViews, ViewConfig
 
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = None
@@ -69,7 +69,7 @@ class SimCLRTask:
         self.views = SimCLRViews(ViewConfig(size=config.model.image_size))
 
     def build_model(self):
-        from trainer.models.simclr import SimCLRModel
+        from megabatch.trainer.models.simclr import SimCLRModel
 
         m = self.config.model
         return SimCLRModel(m.preset, m.image_size, embed_dim=m.embed_dim or 128)

@@ -6,11 +6,11 @@ SIGUSR1 (Slurm's warning before preemption, which it does not handle by default)
 SIGKILLs the ranks 30 s after forwarding a SIGTERM. This launcher runs
 
     python -m torch.distributed.run [--standalone] --signals-to-handle=...,SIGUSR1
-        --shutdown-timeout=300 TORCHRUN-OPTIONS -m trainer.cli COMMAND ARGS
+        --shutdown-timeout=300 TORCHRUN-OPTIONS -m megabatch.trainer.cli COMMAND ARGS
 
 (each added option only where the user gave none), forwards the signals it gets to
 torchrun, and exits with the ranks' own status: every rank records it in
-``$MEGABATCH_EXIT_DIR/rank<RANK>`` (``trainer.cli.main`` calls ``record_exit_status`` on
+``$MEGABATCH_EXIT_DIR/rank<RANK>`` (``megabatch.trainer.cli.main`` calls ``record_exit_status`` on
 every exit path) and, if the ranks that recorded one agree, that is the launcher's;
 otherwise torchrun's. A rank killed before it could record (torchrun stops the others
 once one has failed) does not count: it did not get to say.
@@ -44,14 +44,14 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 300
 # the launcher adds --standalone (a local rendezvous on a free port).
 _RENDEZVOUS_DESTS = frozenset({"nnodes", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "standalone",
                                "master_addr", "master_port", "node_rank"})  # fmt: skip
-# torchrun options that name what the ranks run: the launcher's own (-m trainer.cli).
+# torchrun options that name what the ranks run: the launcher's own (-m megabatch.trainer.cli).
 _SCRIPT_DESTS = frozenset({"module", "no_python", "run_path"})
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 USAGE = "megabatch launch [TORCHRUN OPTIONS] COMMAND [ARGS]"
 DESCRIPTION = f"""\
 Run a megabatch command on this node's ranks under torchrun, as
-  python -m torch.distributed.run TORCHRUN-OPTIONS -m trainer.cli COMMAND ARGS
+  python -m torch.distributed.run TORCHRUN-OPTIONS -m megabatch.trainer.cli COMMAND ARGS
 COMMAND is {" or ".join(COMMANDS)}, ARGS its own arguments (megabatch COMMAND --help).
 Example: megabatch launch --nproc-per-node=8 train run.yaml optim.lr=3e-4
 
@@ -91,7 +91,7 @@ class LaunchPlan:
 # ---------------------------------------------------------------- the command line
 def add_launch_command(commands: argparse._SubParsersAction) -> None:
     """Register ``launch`` for ``megabatch --help`` and ``megabatch launch --help``.
-    ``trainer.cli.main`` hands ``launch``'s arguments to ``launch()`` before argparse
+    ``megabatch.trainer.cli.main`` hands ``launch``'s arguments to ``launch()`` before argparse
     sees them: argparse's REMAINDER cannot take the torchrun options before COMMAND."""
     parser = commands.add_parser(
         "launch", help="run train/eval under torchrun; exit 75 survives a requeue", **_HELP_FORMAT
@@ -136,7 +136,9 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
         )
     if given & _SCRIPT_DESTS:
         names = ", ".join("--" + dest.replace("_", "-") for dest in sorted(given & _SCRIPT_DESTS))
-        raise LaunchUsageError(f"{names}: the launcher runs -m trainer.cli COMMAND itself")
+        raise LaunchUsageError(
+            f"{names}: the launcher runs -m megabatch.trainer.cli COMMAND itself"
+        )
 
     added = []
     if not given & _RENDEZVOUS_DESTS:
@@ -145,7 +147,7 @@ def plan_launch(argv: Sequence[str]) -> LaunchPlan:
         added.append(f"--signals-to-handle={SIGNALS_TO_HANDLE}")
     if "shutdown_timeout" not in given and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in env:
         added.append(f"--shutdown-timeout={DEFAULT_SHUTDOWN_TIMEOUT_S}")
-    torchrun_args = [*added, *user_options, "-m", "trainer.cli", *rest]
+    torchrun_args = [*added, *user_options, "-m", "megabatch.trainer.cli", *rest]
 
     def refuse(message: str):
         raise LaunchUsageError(f"torchrun option: {message}")

@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from trainer import checkpoint
-from trainer.config import RunConfig, dump_config, plain_dict
-from trainer.engine import apply_optimizer_config, build_engine
-from trainer.eval_run import evaluate
-from trainer.launch import World
-from trainer.metrics import JsonLinesSink, print_progress, progress_line
-from trainer.resume import ResumePlan, plan_resume
-from trainer.step import gradcache_step
-from trainer.stop_signals import StopSignals
-from trainer.tasks import make_task
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.trainer import checkpoint
+from megabatch.trainer.config import RunConfig, dump_config, plain_dict
+from megabatch.trainer.engine import apply_optimizer_config, build_engine
+from megabatch.trainer.eval_run import evaluate
+from megabatch.trainer.launch import World
+from megabatch.trainer.metrics import JsonLinesSink, print_progress, progress_line
+from megabatch.trainer.resume import ResumePlan, plan_resume
+from megabatch.trainer.step import gradcache_step
+from megabatch.trainer.stop_signals import StopSignals
+from megabatch.trainer.tasks import make_task
 
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: saved on a signal; requeue and resume=auto
 # Seconds a signalled rank still waits for its batch. Long enough for a batch that is
@@ -136,7 +136,7 @@ class Trainer:
             self.save(result.loss)  # the end, unless this very step was just saved
         results = self._evaluate(final=True)
         if self.world.is_main:
-            from trainer.plots import write_plots
+            from megabatch.trainer.plots import write_plots
 
             write_plots(self.run_dir)
         return {"exit_code": 0, **results}

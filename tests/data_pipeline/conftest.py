@@ -3,7 +3,7 @@ its captions, built once per test module."""
 
 import pytest
 
-from data_pipeline.tokenizer import CaptionTokenizer
+from megabatch.data_pipeline.tokenizer import CaptionTokenizer
 from tests.data_pipeline.fake_shards import (
     READER_SAMPLES,
     READER_SHARD_SIZE,

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import loader as loader_module
-from data_pipeline.batch_buffers import BatchLayout, BatchPools
-from data_pipeline.errors import DataError
-from data_pipeline.loader import Batch, LoaderConfig, ShardLoader, _pooled_batch
-from data_pipeline.shard_stream import block_shuffled
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline import loader as loader_module
+from megabatch.data_pipeline.batch_buffers import BatchLayout, BatchPools
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.loader import Batch, LoaderConfig, ShardLoader, _pooled_batch
+from megabatch.data_pipeline.shard_stream import block_shuffled
+from megabatch.data_pipeline.transforms import ImageConfig
 from tests.data_pipeline.fake_shards import READER_SAMPLES
 
 N = READER_SAMPLES  # conftest.py's shard set
@@ -163,5 +163,5 @@ def test_no_shuffle_draws_no_permutation(monkeypatch):
     def fail(*args):
         raise AssertionError("block_permutation called")
 
-    monkeypatch.setattr("data_pipeline.shard_stream.block_permutation", fail)
+    monkeypatch.setattr("megabatch.data_pipeline.shard_stream.block_permutation", fail)
     assert list(block_shuffled(iter(range(5)), 1, 3, 0, (0, 0, 0))) == [0, 1, 2, 3, 4]

@@ -3,8 +3,8 @@ the loader decodes, the way the loader decodes it."""
 
 import pytest
 
-from data_pipeline import benchmark
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline import benchmark
+from megabatch.data_pipeline.transforms import ImageConfig
 from tests.data_pipeline.fake_shards import write_shards
 
 

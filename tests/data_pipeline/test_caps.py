@@ -1,6 +1,6 @@
 """Memory bombs: images that decode to too many pixels and tar members too big to hold
 are skipped unread and counted under their own kinds, by the loader, `data inspect`
-and `data write` alike (data_pipeline.limits)."""
+and `data write` alike (megabatch.data_pipeline.limits)."""
 
 import io
 import json
@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipeline.errors import DataError
-from data_pipeline.inspect_shards import inspect_shards
-from data_pipeline.limits import DEFAULT_MAX_PIXELS
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.sources import ImageFolderSource
-from data_pipeline.transforms import ImageConfig
-from data_pipeline.writer import write_shards
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.inspect_shards import inspect_shards
+from megabatch.data_pipeline.limits import DEFAULT_MAX_PIXELS
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.sources import ImageFolderSource
+from megabatch.data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.writer import write_shards
+from megabatch.trainer.cli import main
 from tests.data_pipeline.fake_shards import (
     gzip_tar_with_zeros,
     jpeg_bytes,
@@ -26,7 +27,6 @@ from tests.data_pipeline.fake_shards import (
     tar_member,
 )
 from tests.data_pipeline.helpers import make_caption_folder, save_image, write_tar
-from trainer.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 # Just over the default cap (8192 x 8192), and under PIL's own limit: only ours refuses it.
@@ -146,8 +146,8 @@ def test_a_pax_header_over_the_byte_cap_ends_its_shard(tmp_path):
 # current size first) around one epoch of the loader.
 _PEAK_SCRIPT = """
 import json, sys
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.transforms import ImageConfig
 
 def status(field):
     with open("/proc/self/status") as f:

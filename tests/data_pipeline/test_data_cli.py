@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from megabatch.trainer.cli import main
 from tests.data_pipeline.helpers import make_caption_folder, save_image, write_tar
-from trainer.cli import main
 
 SCRIPT = Path(sys.executable).parent / "megabatch"
 

@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 
-from data_pipeline.demo import (
+from megabatch.data_pipeline.demo import (
     CAPTION_TEMPLATES,
     CLASSNAMES,
     DemoOptions,
     load_demo,
     write_demo,
 )
-from data_pipeline.writer import ShardOptions
+from megabatch.data_pipeline.writer import ShardOptions
 from tests.data_pipeline.helpers import folder_bytes, read_members
 
 N_DIGITS = 1797

@@ -3,9 +3,9 @@ once; in resampled mode (endless) a long run of draws with no usable sample is."
 
 import pytest
 
-from data_pipeline.errors import DataError
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.transforms import ImageConfig
 from tests.data_pipeline.fake_shards import write_shards
 
 

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from data_pipeline.errors import DataError
-from data_pipeline.inspect_shards import inspect_shards, resolve_shards
-from data_pipeline.sources import ImageFolderSource
-from data_pipeline.writer import ShardOptions, write_shards
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.inspect_shards import inspect_shards, resolve_shards
+from megabatch.data_pipeline.sources import ImageFolderSource
+from megabatch.data_pipeline.writer import ShardOptions, write_shards
 from tests.data_pipeline.helpers import jpeg_bytes, make_caption_folder, write_tar
 
 
@@ -166,7 +166,7 @@ def test_image_only_shards_need_no_captions(tmp_path):
     ],
 )
 def test_a_manifest_with_bad_entries_is_one_dataerror(tmp_path, entry, message):
-    from data_pipeline.loader import resolve_sources
+    from megabatch.data_pipeline.loader import resolve_sources
 
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": [entry]}))
     for resolve in (resolve_shards, resolve_sources):  # `data inspect` and the loader

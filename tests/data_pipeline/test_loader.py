@@ -5,8 +5,9 @@ import logging
 import pytest
 import torch
 
-from data_pipeline.errors import DataError
-from data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.transforms import ImageConfig
 from tests.data_pipeline.fake_shards import READER_SAMPLES, write_shards
 
 N = READER_SAMPLES  # conftest.py's shard set
@@ -15,7 +16,7 @@ N = READER_SAMPLES  # conftest.py's shard set
 def _config(shards, tokenizer_path, **kw):
     defaults = dict(shards=shards, task="clip", batch_size=8, num_workers=2, seed=3,
                     shuffle_block=16, tokenizer=tokenizer_path, context_length=12,
-                    image=__import__("data_pipeline.transforms").transforms.ImageConfig(size=16))  # fmt: skip
+                    image=ImageConfig(size=16))  # fmt: skip
     return LoaderConfig(**{**defaults, **kw})
 
 

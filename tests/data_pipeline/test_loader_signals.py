@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 _PRELUDE = """
 import json, multiprocessing, os, signal, sys, time
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.transforms import ImageConfig
 
 # 120 samples in batches of 4, one batch ahead per worker: the workers are busy making
 # batches (or starting) when the signals come.
@@ -63,8 +63,8 @@ print(json.dumps({"epochs": epochs, "received": sorted(received), "left": epoch_
 
 _RANK_THAT_DIES = """
 import json, multiprocessing, sys, time
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.transforms import ImageConfig
 
 # Each worker's command streams a shard, then hangs: once it has made its batches the
 # worker is stuck in a read, where torch's watchdog (it looks between batches) never runs.
@@ -82,8 +82,8 @@ time.sleep(120)  # holding its workers, until the test kills it
 _STUCK_WORKERS = """
 import json, multiprocessing, sys
 import torch.utils.data._utils as torch_data_utils
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.transforms import ImageConfig
 
 torch_data_utils.MP_STATUS_CHECK_INTERVAL = 0.5  # the shutdown's join timeouts (5 s)
 # Each worker's command streams a shard, then never exits: the worker makes its batches,

@@ -2,7 +2,7 @@
 
 import pickle
 
-from data_pipeline.metadata import SampleMetadata
+from megabatch.data_pipeline.metadata import SampleMetadata
 
 RAW = [b'{"label": 7, "caption": "handwritten 7"}', None, b"", b"{not json", b"[1, 2]", b"\xff"]
 

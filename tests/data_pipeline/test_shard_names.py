@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from data_pipeline.inspect_shards import inspect_shards
-from data_pipeline.loader import LoaderConfig, ShardLoader
-from data_pipeline.tokenizer import captions_from_shards
-from data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.inspect_shards import inspect_shards
+from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.tokenizer import captions_from_shards
+from megabatch.data_pipeline.transforms import ImageConfig
+from megabatch.trainer.cli import main
 from tests.data_pipeline.fake_shards import write_shards
-from trainer.cli import main
 
 MARKER = "planted_marker"
 # A real command: it would create the marker and then stream a valid shard, so that

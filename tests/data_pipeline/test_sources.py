@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline.demo import CLASSNAMES, DemoOptions, DemoSource, load_demo
-from data_pipeline.errors import DataError
-from data_pipeline.sources import ImageFolderSource, TableSource
+from megabatch.data_pipeline.demo import CLASSNAMES, DemoOptions, DemoSource, load_demo
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.sources import ImageFolderSource, TableSource
 from tests.data_pipeline.helpers import make_caption_folder, save_image
 
 

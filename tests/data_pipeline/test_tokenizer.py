@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.tokenizer import CaptionTokenizer
+from megabatch.data_pipeline.tokenizer import CaptionTokenizer
 
 CAPTIONS = [f"a photo of the digit {w}" for w in ["zero", "one", "two", "three"]] * 10
 
@@ -101,7 +101,7 @@ def test_encode_into_writes_given_arrays(tokenizer):
 
 
 def test_captions_from_shards_skips_what_the_loader_skips(tmp_path):
-    from data_pipeline.tokenizer import captions_from_shards
+    from megabatch.data_pipeline.tokenizer import captions_from_shards
     from tests.data_pipeline.fake_shards import write_shards
 
     write_shards(tmp_path, 10, per_shard=5, bad_caption=frozenset({2}), no_caption=frozenset({7}))

@@ -2,9 +2,9 @@
 
 import pytest
 
-from data_pipeline.tokenizer import CaptionTokenizer
+from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+from megabatch.trainer.cli import main
 from tests.data_pipeline.fake_shards import write_shards
-from trainer.cli import main
 
 
 def test_trains_and_saves_a_loadable_tokenizer(tmp_path, capsys):

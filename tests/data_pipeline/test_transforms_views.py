@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-from data_pipeline import transforms
-from data_pipeline.transforms import (
+from megabatch.data_pipeline import transforms
+from megabatch.data_pipeline.transforms import (
     CorruptImage,
     ImageConfig,
     as_nchw,
@@ -18,7 +18,7 @@ from data_pipeline.transforms import (
     jpeg_into,
     normalize,
 )
-from data_pipeline.views import SimCLRViews, ViewConfig
+from megabatch.data_pipeline.views import SimCLRViews, ViewConfig
 
 
 def _jpeg(w, h, colour=(200, 30, 90)):

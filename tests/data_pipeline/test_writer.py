@@ -7,10 +7,10 @@ import os
 import pytest
 from PIL import Image
 
-from data_pipeline.errors import DataError
-from data_pipeline.shard_format import shard_name, tar_archive_bytes, tar_member_bytes
-from data_pipeline.sources import ImageFolderSource
-from data_pipeline.writer import JOURNAL_NAME, ShardOptions, write_shards
+from megabatch.data_pipeline.errors import DataError
+from megabatch.data_pipeline.shard_format import shard_name, tar_archive_bytes, tar_member_bytes
+from megabatch.data_pipeline.sources import ImageFolderSource
+from megabatch.data_pipeline.writer import JOURNAL_NAME, ShardOptions, write_shards
 from tests.data_pipeline.helpers import (
     folder_bytes,
     make_caption_folder,

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import _contrastive_triton as K
+from megabatch.kernels import _contrastive_triton as K
 
 D = 512
 TARGET = GPUTarget("cuda", 90, 32)

@@ -2,8 +2,8 @@
 
 import torch
 
-from kernels import benchmark
-from kernels.contrastive import _stacked
+from megabatch.kernels import benchmark
+from megabatch.kernels.contrastive import _stacked
 
 
 def test_cpu_peak_is_reset_so_an_earlier_larger_peak_hides_nothing():

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _contrastive_torch, clip_loss, ntxent_loss
-from kernels.reference import clip_loss_reference, ntxent_loss_reference
+from megabatch.kernels import _contrastive_torch, clip_loss, ntxent_loss
+from megabatch.kernels.reference import clip_loss_reference, ntxent_loss_reference
 from tests.kernels.features import spread_features
 
 NS = [1, 2, 7, 64, 129, 1000]
@@ -92,7 +92,7 @@ def test_logits_spread_past_one_shared_shift(loss_name, backend, monkeypatch):
     # tile where a column's terms would underflow. 32 x 64 tiles over N = 100: the tiles
     # of columns 0-63 take the shared path, those of columns 64-99 (near and far
     # together) the fallback. Triton without ONE_EXP takes two exponentials everywhere.
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 32)
     monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 64)
@@ -128,7 +128,7 @@ def test_triton_both_loading_schemes(loss_name, block_k, one_exp, monkeypatch):
     # BLOCK_K = 128); here each scheme runs where the sweep runs the other, with row and
     # column blocks that split N = 100 into ragged tiles; and with one exp2 a logit (as
     # the sweep) and two (the other autotune configs).
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     monkeypatch.setattr(K, "_INTERPRET_ONE_EXP", one_exp)
     blocks = {"BLOCK_M": 32, "BLOCK_N": 64}
@@ -145,7 +145,7 @@ def test_triton_both_loading_schemes(loss_name, block_k, one_exp, monkeypatch):
 def test_column_partials_merge_in_place_like_logsumexp():
     # (programs, N) log2-sum-exp2 partials -> natural-log column lse; a program that saw no
     # rows leaves -inf, and a column nobody saw stays -inf.
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     g = torch.Generator().manual_seed(3)
     part = torch.randn(6, 50, generator=g) * 40
@@ -161,7 +161,7 @@ def test_column_partials_merge_in_place_like_logsumexp():
 def test_triton_backward_with_dx_columns_split(loss_name, monkeypatch):
     # DX_SPLIT = 2: two programs share each row block's dX columns (D = 200: the second
     # half is ragged), each recomputing S from K-chunks.
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     monkeypatch.setattr(K, "_INTERPRET_BLOCKS", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
     monkeypatch.setattr(K, "_INTERPRET_DX_SPLIT", 2)
@@ -179,7 +179,7 @@ def test_triton_tma_backward(loss_name, dx_split, monkeypatch):
     # N = 100 leaves ragged 32 x 64 tiles, so the descriptors' zero fill past N and past
     # D is what keeps the sums right. D = 46 (184-byte rows) is no TMA stride: it falls
     # back to the plain kernel, with the same result.
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     monkeypatch.setenv(K.TMA_BACKWARD_ENV, "1")
     # BLOCK_K: the fallback's K-chunks (the TMA kernel always loads whole rows).
@@ -199,7 +199,7 @@ def test_triton_tma_backward(loss_name, dx_split, monkeypatch):
 
 
 def test_autotune_splits_dx_columns_only_for_wide_rows():
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
 
@@ -220,7 +220,7 @@ def test_autotune_splits_dx_columns_only_for_wide_rows():
 def test_autotune_keeps_whole_rows_only_where_they_fit(dtype, d_pad, whole_rows_kept):
     # Whole-rows configs hold X's block and a Y tile per stage in shared memory: sized for
     # rows of 1 KB. Beyond that they cannot launch, so they must not even be compiled.
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     x = {"X": torch.empty(0, dtype=dtype)}
     kept = K._prune(K._BWD_CONFIGS, x, D_PAD=d_pad, DX_COLS=min(d_pad, 512),
@@ -234,7 +234,7 @@ def test_autotune_keeps_whole_rows_only_where_they_fit(dtype, d_pad, whole_rows_
 @pytest.mark.parametrize("with_col", [True, False])
 def test_autotune_offers_one_exp_only_with_column_statistics(with_col):
     # Without column statistics (NT-Xent) a ONE_EXP config is the same kernel as its twin.
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
     kept = K._prune(K._FWD_CONFIGS, bf16, D_PAD=512, WITH_COL=with_col, INPUT_PRECISION="ieee")
@@ -249,7 +249,7 @@ def test_autotune_choices_are_per_gpu_model(monkeypatch):
     # its SM count) must not be replayed on the other.
     from types import SimpleNamespace
 
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     models = {0: SimpleNamespace(major=9, minor=0, multi_processor_count=132),
               1: SimpleNamespace(major=8, minor=0, multi_processor_count=108)}  # fmt: skip
@@ -264,7 +264,7 @@ def test_autotune_choices_are_per_gpu_model(monkeypatch):
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_CONFIGS"])
 def test_autotune_times_nothing_for_ieee_fp32(configs):
     # The CUDA-core path: one config, so no timing runs (tensor-core shapes are moot there).
-    from kernels import _contrastive_triton as K
+    from megabatch.kernels import _contrastive_triton as K
 
     candidates = getattr(K, configs)
     fp32 = {"X": torch.empty(0, dtype=torch.float32)}

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels import clip_loss, ntxent_loss
-from kernels.reference import clip_loss_reference, ntxent_loss_reference
+from megabatch.kernels import clip_loss, ntxent_loss
+from megabatch.kernels.reference import clip_loss_reference, ntxent_loss_reference
 from tests.multiproc import run_ranks
 
 D = 24

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import _contrastive_triton as K
-from kernels import clip_loss, ntxent_loss
-from kernels.reference import clip_loss_reference, ntxent_loss_reference
+from megabatch.kernels import _contrastive_triton as K
+from megabatch.kernels import clip_loss, ntxent_loss
+from megabatch.kernels.reference import clip_loss_reference, ntxent_loss_reference
 from tests.kernels.features import spread_features
 
 pytestmark = pytest.mark.gpu

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.distributed import all_gather_with_grad, group_rank_and_size
+from megabatch.kernels.distributed import all_gather_with_grad, group_rank_and_size
 from tests.multiproc import run_ranks
 
 D = 4  # feature width

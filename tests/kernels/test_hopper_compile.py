@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kernels import _contrastive_triton as K
+from megabatch.kernels import _contrastive_triton as K
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -18,7 +18,7 @@ ZERO2 = {"engine.zero_stage": 2, "train.max_steps": 2, "train.checkpoint_every_s
 
 def write_data(folder: Path) -> Path:
     """96 training samples (shards of 16), 32 held out, and a tokenizer: the tiny set."""
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from megabatch.data_pipeline.tokenizer import CaptionTokenizer
     from tests.data_pipeline.fake_shards import captions, write_shards
 
     write_shards(folder / "train", 96, per_shard=16)
@@ -42,8 +42,8 @@ def overrides(data: Path, run_dir: Path, **extra) -> list[str]:
 def command(overrides: list[str], ranks: int = 1, subcommand: str = "train") -> list[str]:
     """One process, or ``megabatch launch`` (torchrun) for several ranks."""
     if ranks == 1:
-        return [sys.executable, "-m", "trainer.cli", subcommand, *overrides]
-    return [sys.executable, "-m", "trainer.cli", "launch", f"--nproc-per-node={ranks}",
+        return [sys.executable, "-m", "megabatch.trainer.cli", subcommand, *overrides]
+    return [sys.executable, "-m", "megabatch.trainer.cli", "launch", f"--nproc-per-node={ranks}",
             subcommand, *overrides]  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def train(overrides, ranks=1, timeout=100, **extra_env) -> subprocess.CompletedP
 
 
 def evaluate(run_dir: Path, *more, timeout=100) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", "eval", str(run_dir), *more],
+    return subprocess.run([sys.executable, "-m", "megabatch.trainer.cli", "eval", str(run_dir), *more],
                           cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
 

@@ -41,10 +41,10 @@ def _planted_copy(run, folder, *which: str):
 
 def _load_each(rank, world_size, data, runs):
     """Resume's loading path (trainer.checkpoint.load) on each planted copy, one process."""
-    from trainer.checkpoint import CheckpointError, load, read_checkpoint
-    from trainer.config import load_config
-    from trainer.launch import World
-    from trainer.train import Trainer
+    from megabatch.trainer.checkpoint import CheckpointError, load, read_checkpoint
+    from megabatch.trainer.config import load_config
+    from megabatch.trainer.launch import World
+    from megabatch.trainer.train import Trainer
 
     config = load_config(None, overrides(data, runs[0], **ZERO2))
     trainer = Trainer(config, World(0, 1, 0, torch.device("cpu")))

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from megabatch.trainer.config import load_config
+from megabatch.trainer.resume import plan_resume
 from tests.trainer.runs import ROOT, command, env, errors, overrides, train
-from trainer.config import load_config
-from trainer.resume import plan_resume
 
 
 def _checkpoints(run) -> list[str]:
@@ -74,7 +74,7 @@ def test_a_full_disk_is_said_and_the_previous_checkpoint_stays_whole(data, tmp_p
                                     "train.keep_checkpoints": 1})  # fmt: skip
     previous = run / "checkpoints" / "step00000001"
     # Every file of the previous checkpoint still loads (weights-only, as resume does).
-    load_all = ("from pathlib import Path; from trainer.checkpoint import load_weights_only; "
+    load_all = ("from pathlib import Path; from megabatch.trainer.checkpoint import load_weights_only; "
                 f"[load_weights_only(p) for p in sorted(Path('{previous}').rglob('*.pt'))]; "
                 "print('loaded')")  # fmt: skip
     report = tmp_path / "report"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.config import (
+from megabatch.trainer.config import (
     ConfigError,
     RunConfig,
     available_presets,
@@ -109,7 +109,7 @@ def test_parse_override_reads_yaml_values():
 
 
 def test_data_keys_reach_the_workers_image_config():
-    from trainer.tasks import _image_config
+    from megabatch.trainer.tasks import _image_config
 
     config = load_config(None, ["data.decoder=pil", "data.load_size=40", "model.image_size=32",
                                 "data.max_image_pixels=4096", "data.max_member_bytes=1000"])  # fmt: skip
@@ -118,6 +118,6 @@ def test_data_keys_reach_the_workers_image_config():
     assert image.max_pixels == 4096
     assert _image_config(load_config(None)).decoder == "auto"
 
-    from trainer.train import training_loader_config
+    from megabatch.trainer.train import training_loader_config
 
     assert training_loader_config(config, image).max_member_bytes == 1000

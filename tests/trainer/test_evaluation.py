@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.evaluation import (
+from megabatch.trainer.evaluation import (
     class_embeddings,
     knn_top1,
     linear_probe_top1,

@@ -31,11 +31,11 @@ def _batch():
 
 
 def _train_one_step(rank, world_size, micro, zero_stage):
-    from kernels import clip_loss
-    from trainer.config import load_config
-    from trainer.engine import build_engine
-    from trainer.models.clip import ClipModel, clip_config
-    from trainer.step import gradcache_step
+    from megabatch.kernels import clip_loss
+    from megabatch.trainer.config import load_config
+    from megabatch.trainer.engine import build_engine
+    from megabatch.trainer.models.clip import ClipModel, clip_config
+    from megabatch.trainer.step import gradcache_step
 
     accumulation = N // (micro * world_size)
     config = load_config(None, [
@@ -98,8 +98,8 @@ class _AutogradEngine:
 
 def test_both_feature_sides_reach_the_loss_as_halves_of_one_buffer():
     """NT-Xent then stacks [a; b] without a copy (kernels.contrastive._stacked)."""
-    from kernels import ntxent_loss
-    from trainer.step import gradcache_step
+    from megabatch.kernels import ntxent_loss
+    from megabatch.trainer.step import gradcache_step
 
     torch.manual_seed(0)
     projector = torch.nn.Linear(6, 4)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from megabatch.trainer.launch import first_host, slurm_to_torch_env
 from tests.multiproc import run_ranks
-from trainer.launch import first_host, slurm_to_torch_env
 
 
 def test_srun_environment_maps_to_torch_variables():
@@ -27,9 +27,9 @@ def test_first_host(nodelist, host, monkeypatch):
 
 
 def _nan_losses(rank, world_size, tmp, k):
-    from trainer.config import load_config
-    from trainer.launch import init_world
-    from trainer.train import NonFiniteLossError, Trainer
+    from megabatch.trainer.config import load_config
+    from megabatch.trainer.launch import init_world
+    from megabatch.trainer.train import NonFiniteLossError, Trainer
 
     overrides = [
         f"run_dir={tmp}/run", f"data.train={tmp}/train", f"data.tokenizer={tmp}/tok.json",
@@ -62,7 +62,7 @@ def _nan_losses(rank, world_size, tmp, k):
 
 @pytest.mark.multiproc
 def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from megabatch.data_pipeline.tokenizer import CaptionTokenizer
     from tests.data_pipeline.fake_shards import captions, write_shards
 
     write_shards(tmp_path / "train", 64, per_shard=16)

@@ -18,10 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.trainer import runs
-from tests.trainer.runs import EXIT_REQUEUE, ROOT
-from trainer.cli import main
-from trainer.torchrun import (
+from megabatch.trainer.cli import main
+from megabatch.trainer.torchrun import (
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     EXIT_DIR_ENV,
     SIGNALS_TO_HANDLE,
@@ -29,6 +27,8 @@ from trainer.torchrun import (
     launcher_exit_status,
     plan_launch,
 )
+from tests.trainer import runs
+from tests.trainer.runs import EXIT_REQUEUE, ROOT
 
 
 def _overrides(data: Path, run_dir: Path, **extra) -> list[str]:
@@ -99,7 +99,7 @@ def _launch(tmp_path: Path, argv: list[str]):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}  # fmt: skip
     with stderr.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "launch", *argv], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "megabatch.trainer.cli", "launch", *argv], cwd=ROOT,
                                 env=env, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
     launched = Launched(proc, stderr)
     try:
@@ -223,7 +223,7 @@ def test_main_records_the_exit_status_on_every_exit_path(tmp_path, monkeypatch, 
 
 def test_an_uncaught_exception_is_recorded_as_1(tmp_path):
     # A real failure of a real command: `megabatch env` printing to a closed stdout.
-    code = "import sys; sys.stdout.close(); from trainer.cli import main; main(['env'])"
+    code = "import sys; sys.stdout.close(); from megabatch.trainer.cli import main; main(['env'])"
     env = {**os.environ, EXIT_DIR_ENV: str(tmp_path), "RANK": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
@@ -259,7 +259,7 @@ def test_launcher_adds_standalone_signals_and_shutdown_timeout():
     assert plan.torchrun_args == [
         "--standalone", f"--signals-to-handle={SIGNALS_TO_HANDLE}",
         f"--shutdown-timeout={DEFAULT_SHUTDOWN_TIMEOUT_S}", "--nproc-per-node=2",
-        "-m", "trainer.cli", "train", "run.yaml", "optim.lr=3e-4",
+        "-m", "megabatch.trainer.cli", "train", "run.yaml", "optim.lr=3e-4",
     ]  # fmt: skip
     assert plan.local_world_size == 2
     assert "SIGUSR1" in SIGNALS_TO_HANDLE.split(",")
@@ -270,15 +270,21 @@ def test_the_users_own_torchrun_options_win(monkeypatch):
             "--rdzv-endpoint=HOST:29400", "--shutdown-timeout=60",
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGUSR1,SIGUSR2",
             "eval", "runs/x"]  # fmt: skip
-    assert plan_launch(argv).torchrun_args == [*argv[:-2], "-m", "trainer.cli", "eval", "runs/x"]
+    assert plan_launch(argv).torchrun_args == [
+        *argv[:-2],
+        "-m",
+        "megabatch.trainer.cli",
+        "eval",
+        "runs/x",
+    ]
     # ... also when given as torchrun's environment variables.
     monkeypatch.setenv("PET_NNODES", "2")
     monkeypatch.setenv("PET_SHUTDOWN_TIMEOUT", "60")
     monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGUSR1")
-    assert plan_launch(["train"]).torchrun_args == ["-m", "trainer.cli", "train"]
+    assert plan_launch(["train"]).torchrun_args == ["-m", "megabatch.trainer.cli", "train"]
     monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT")
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "60")
-    assert plan_launch(["train"]).torchrun_args == ["-m", "trainer.cli", "train"]
+    assert plan_launch(["train"]).torchrun_args == ["-m", "megabatch.trainer.cli", "train"]
 
 
 @pytest.mark.parametrize(
@@ -290,7 +296,7 @@ def test_the_users_own_torchrun_options_win(monkeypatch):
         (["--nproc=2", "train"], "unknown torchrun option --nproc"),
         (["--nproc-per-node"], "torchrun option --nproc-per-node needs a value"),
         (["--standalone=yes", "train"], "--standalone takes no value"),
-        (["-m", "train"], "--module: the launcher runs -m trainer.cli COMMAND itself"),
+        (["-m", "train"], "--module: the launcher runs -m megabatch.trainer.cli COMMAND itself"),
         (["--max-restarts=two", "train"], "invalid int value: 'two'"),
         (["--nproc-per-node=many", "train"], "--nproc-per-node=many"),
         (["--signals-to-handle=SIGTERM,SIGINT", "train"], "must include SIGUSR1,SIGHUP"),

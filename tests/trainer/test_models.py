@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import CLIPModel as HFCLIPModel
 
-from data_pipeline.tokenizer import CaptionTokenizer
-from trainer.models.clip import CLIP_PRESETS, ClipModel, clip_config
-from trainer.models.simclr import SimCLRModel
+from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+from megabatch.trainer.models.clip import CLIP_PRESETS, ClipModel, clip_config
+from megabatch.trainer.models.simclr import SimCLRModel
 
 CONTEXT = 12
 

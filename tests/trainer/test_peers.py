@@ -1,5 +1,5 @@
 """A rank that stops answering is named, within the collective timeout, instead of its
-peers waiting for half an hour: heartbeats in the rendezvous store (trainer.peers)."""
+peers waiting for half an hour: heartbeats in the rendezvous store (megabatch.trainer.peers)."""
 
 import os
 import signal
@@ -12,8 +12,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from megabatch.trainer.peers import PeerLostError, PeerWatch
 from tests.trainer.runs import ROOT, env, errors, overrides
-from trainer.peers import PeerLostError, PeerWatch
 
 
 def _free_port() -> int:
@@ -79,7 +79,7 @@ def _start_two_ranks(argv: list[str]) -> list[subprocess.Popen]:
     for rank in (0, 1):
         rank_env = env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
                        LOCAL_RANK=str(rank), WORLD_SIZE="2")  # fmt: skip
-        ranks.append(subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", *argv],
+        ranks.append(subprocess.Popen([sys.executable, "-m", "megabatch.trainer.cli", "train", *argv],
                                       cwd=ROOT, env=rank_env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
     return ranks

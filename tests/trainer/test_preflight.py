@@ -4,8 +4,8 @@ the key or the file, exit status 2, before any process group or model exists."""
 import pytest
 import torch.distributed as dist
 
+from megabatch.trainer.cli import main
 from tests.trainer.runs import ZERO2, overrides
-from trainer.cli import main
 
 
 def _run_cli(capsys, argv):

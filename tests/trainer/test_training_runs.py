@@ -95,7 +95,7 @@ def test_eval_command_reloads_the_newest_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     assert train(overrides(data, run)).returncode == 0
     (run / "results.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "eval", str(run)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "megabatch.trainer.cli", "eval", str(run)], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=100)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "evaluating" in proc.stderr and "step00000006" in proc.stderr
