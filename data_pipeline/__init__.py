@@ -1,4 +1,11 @@
-"""megabatch data pipeline. Writing side: sources of images and captions (`sources`), the
-built-in demo dataset (`demo`), the WebDataset shard writer (`writer`), the shard checker
-(`inspect_shards`) and `megabatch data` (`cli`). The reading side (streaming reader,
-transforms, tokenizer) sits beside them."""
+"""megabatch data pipeline: images and captions -> WebDataset tar shards -> training batches.
+
+- ``write``: sources of samples, the shard writer, the demo data set, the shard checker.
+- ``read``: the streaming reader (plan, stream, loader), image transforms, SimCLR views,
+  the caption tokenizer.
+- shared by both (and importing neither): ``errors``, ``limits``, ``shard_format``,
+  ``manifest``, ``shard_specs``, ``tar_members``, ``image_decode``.
+- on top: ``cli`` (``megabatch data``) and ``benchmark``.
+
+See README.md in this folder.
+"""

@@ -22,7 +22,8 @@ The read and decode stages hand the main process one count per batch; the others
 it whole batches (images in shared memory, tokens, keys, metadata). Every row is
 measured --repeat times, in rounds over all rows (so a burst of other load on the
 machine hits every stage alike), and the table gives each row's median and its runs.
-Prints a table and writes docs/benchmarks-data.md. Targets: clip at least 85% of decode
+Prints a table and writes docs/benchmarks-data.md (keeping its hand-made "Measurements"
+section). Targets: clip at least 85% of decode
 per worker, and 2 workers at least 1.7x one worker.
 """
 
@@ -42,19 +43,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader, resolve_sources
-from megabatch.data_pipeline.shard_format import IMAGE_EXTENSIONS
-from megabatch.data_pipeline.shard_plan import Slot, epoch_share
-from megabatch.data_pipeline.shard_stream import RateLimitedWarnings, source_samples
-from megabatch.data_pipeline.transforms import (
+from megabatch.data_pipeline.read.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.read.shard_plan import Slot, epoch_share
+from megabatch.data_pipeline.read.shard_stream import RateLimitedWarnings, source_samples
+from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
+from megabatch.data_pipeline.read.transforms import (
     DECODERS,
     ImageConfig,
     decode_image,
     jpeg_into,
     simplejpeg,
 )
+from megabatch.data_pipeline.shard_format import IMAGE_EXTENSIONS
+from megabatch.data_pipeline.shard_specs import resolve_sources
 
 STAGES = ("read", "decode", "clip", "clip-resize", "simclr", "simclr-views")
+# The output's last section, from this heading on, is kept when the table is rewritten:
+# measurements that the modules' comments cite, made by hand.
+NOTES_HEADING = "## Measurements"
 
 
 class _RawStage(IterableDataset):
@@ -108,19 +114,30 @@ def _rate(batches, min_seconds: float, size=lambda b: b) -> float:
     raise RuntimeError("stream ended")
 
 
-def _measure(stage: str, workers: int, args, tokenizer: str) -> float:
+def _image_config(stage: str, args) -> ImageConfig:
+    """What a stage's workers decode to: --load-size (clip-resize: --crop)."""
     load_size = args.crop if stage == "clip-resize" else args.load_size
-    image = ImageConfig(size=args.crop, load_size=load_size, decoder=args.decoder)
+    return ImageConfig(size=args.crop, load_size=load_size, decoder=args.decoder)
+
+
+def _loader_config(stage: str, workers: int, args) -> LoaderConfig:
+    """The loader a clip or simclr stage times, from the benchmark's arguments: an
+    endless (resampled) stream of the shards, with captions for the clip stages."""
+    return LoaderConfig(shards=str(args.shards), captions=stage.startswith("clip"),
+                        batch_size=args.batch_size, num_workers=workers, resampled=True,
+                        image=_image_config(stage, args), pin_memory=False)  # fmt: skip
+
+
+def _measure(stage: str, workers: int, args, tokenizer: CaptionTokenizer) -> float:
     if stage in ("read", "decode"):
-        dataset = _RawStage(str(args.shards), stage == "decode", args.batch_size, image)
+        dataset = _RawStage(str(args.shards), stage == "decode", args.batch_size,
+                            _image_config(stage, args))  # fmt: skip
         return _rate(iter(DataLoader(dataset, batch_size=None, num_workers=workers)), args.seconds)
-    config = LoaderConfig(shards=str(args.shards), task=stage.split("-")[0],
-                          batch_size=args.batch_size, num_workers=workers, resampled=True,
-                          image=image, tokenizer=tokenizer, pin_memory=False)  # fmt: skip
-    batches = iter(ShardLoader(config))
+    config = _loader_config(stage, workers, args)
+    batches = iter(ShardLoader(config, tokenizer=tokenizer))
     if stage != "simclr-views":
         return _rate(batches, args.seconds, len)
-    from megabatch.data_pipeline.views import SimCLRViews, ViewConfig
+    from megabatch.data_pipeline.read.views import SimCLRViews, ViewConfig
 
     views = SimCLRViews(ViewConfig(size=args.crop))
 
@@ -134,8 +151,8 @@ def _measure(stage: str, workers: int, args, tokenizer: str) -> float:
 
 def _ensure_demo(path: Path, image_size: int) -> Path:
     if not (path / "train" / "manifest.json").is_file():
-        from megabatch.data_pipeline.demo import DemoOptions, write_demo
-        from megabatch.data_pipeline.writer import ShardOptions
+        from megabatch.data_pipeline.write.demo import DemoOptions, write_demo
+        from megabatch.data_pipeline.write.writer import ShardOptions
 
         print(f"writing {image_size} x {image_size} demo shards to {path}", file=sys.stderr)
         # 100 samples a shard: 15 shards, enough for every worker to read its own.
@@ -145,12 +162,12 @@ def _ensure_demo(path: Path, image_size: int) -> Path:
     return path / "train"
 
 
-def _ensure_tokenizer(shards: Path, path: Path) -> str:
+def _ensure_tokenizer(shards: Path, path: Path) -> CaptionTokenizer:
     if not path.is_file():
-        from megabatch.data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
+        from megabatch.data_pipeline.read.tokenizer import captions_from_shards
 
         CaptionTokenizer.train(captions_from_shards(str(shards)), vocab_size=1000).save(path)
-    return str(path)
+    return CaptionTokenizer.load(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,9 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         f"side {args.load_size}, JPEG decoder {decoder}.\n\n"
     )
     tmp = args.output.with_suffix(".md.tmp")
-    tmp.write_text(header + table + "\n")
+    tmp.write_text(header + table + "\n" + _kept_notes(args.output))
     tmp.replace(args.output)
     return 0
+
+
+def _kept_notes(output: Path) -> str:
+    """The existing output's section from NOTES_HEADING on ("" if none), to keep."""
+    try:
+        text = output.read_text()
+    except OSError:
+        return ""
+    at = text.find("\n" + NOTES_HEADING + "\n")
+    return "" if at < 0 else text[at:]
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def _fail(command: str, message: str) -> int:
 
 def _build_source(args: argparse.Namespace):
     """The writer source the arguments name; DataError for a bad combination."""
-    from megabatch.data_pipeline.sources import ImageFolderSource, TableSource
+    from megabatch.data_pipeline.write.sources import ImageFolderSource, TableSource
 
     if args.input is None:
         raise DataError(f"--input is required with --from {args.source}")
@@ -186,7 +186,7 @@ def _build_source(args: argparse.Namespace):
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
-    from megabatch.data_pipeline.writer import ShardOptions, write_shards
+    from megabatch.data_pipeline.write.writer import ShardOptions, write_shards
 
     options = ShardOptions(
         max_samples_per_shard=args.max_samples_per_shard or None,
@@ -205,7 +205,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
                 if value is not None:
                     raise DataError(f"{flag} only applies to --from table")
         if args.source == "demo":
-            from megabatch.data_pipeline.demo import DemoOptions, write_demo
+            from megabatch.data_pipeline.write.demo import DemoOptions, write_demo
 
             if args.input is not None:
                 raise DataError("--input does not apply to --from demo")
@@ -244,7 +244,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from megabatch.data_pipeline.inspect_shards import inspect_shards
+    from megabatch.data_pipeline.write.inspect_shards import inspect_shards
 
     try:
         report = inspect_shards(
@@ -285,7 +285,7 @@ def _add_tokenizer_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from megabatch.data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
+    from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer, captions_from_shards
 
     if args.vocab_size < 300:
         return _fail(

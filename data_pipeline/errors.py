@@ -6,5 +6,5 @@ class DataError(Exception):
     an output folder that holds something else...
 
     The message is one line that names the problem; the CLI prints it and exits with
-    status 2 (DESIGN.md section 2: errors a user can cause never show a bare traceback).
+    status 2 (docs/ARCHITECTURE.md: errors a user can cause never show a bare traceback).
     """

@@ -2,8 +2,9 @@
 ``max_pixels`` pixels (``megabatch.data_pipeline.limits``) before decoding it.
 
 One function for everyone who decodes shard images, so that they agree on which images
-are usable: the loader's workers (``transforms.decode_image``) and ``megabatch data
-inspect``. Imports only PIL (no torch), so that the command line stays quick.
+are usable: the loader's workers (``read.transforms.decode_image``) and ``megabatch data
+inspect``; the writer checks its pixel cap with ``check_pixels``. Shared by the write and
+the read side. Imports only PIL (no torch), so that the command line stays quick.
 """
 
 import io

@@ -1,4 +1,5 @@
-"""The on-disk layout of a shard set, shared by the writer and the inspector.
+"""The on-disk layout of a shard set, shared by the write side and the read side (the
+manifest, ``manifest.json``, has a module of its own: ``manifest``).
 
 A shard is an uncompressed tar holding, per sample, ``KEY.jpg``, ``KEY.txt`` (the
 caption; absent for image-only data) and ``KEY.json`` (metadata): the layout img2dataset
@@ -12,10 +13,6 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "megabatch-shards"
-MANIFEST_VERSION = 1
 
 SHARD_DIGITS = 5
 KEY_DIGITS = 9

@@ -2,10 +2,10 @@
 
 This package imports only torch and triton (never DeepSpeed or WebDataset), so its tests
 and benchmark run on a bare GPU machine that has only those two installed. Triton itself
-is imported only when the triton backend is first used.
+is imported only when the triton backend is first used. The layout and how to add a
+loss: kernels/README.md.
 """
 
 from megabatch.kernels.contrastive import clip_loss, ntxent_loss
-from megabatch.kernels.distributed import all_gather_with_grad
 
-__all__ = ["all_gather_with_grad", "clip_loss", "ntxent_loss"]
+__all__ = ["clip_loss", "ntxent_loss"]

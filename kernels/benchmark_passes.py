@@ -12,7 +12,7 @@ the tables to docs/benchmarks-passes.md (--output).
 
 Then, written after the rest so that a failure or a hang there loses none of it, the dA
 pass once more through the experimental TMA + warp-specialised backward
-(MEGABATCH_TRITON_WS=1; kernels/_contrastive_triton.py), with its candidates.
+(MEGABATCH_TRITON_WS=1; kernels/triton_backend/backward_tma.py), with its candidates.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from megabatch.kernels import _contrastive_triton as K
+from megabatch.kernels.backend import LossMode
+from megabatch.kernels.triton_backend import backward, backward_tma, common, forward
 
 
 def _features(n: int, d: int):
@@ -39,8 +40,8 @@ def _features(n: int, d: int):
 
 def _config_name(config) -> str:
     kw = config.kwargs
-    block_k = kw.get("BLOCK_K", K.WHOLE_ROWS)  # the TMA kernel always loads whole rows
-    k = "whole" if block_k == K.WHOLE_ROWS else str(block_k)
+    block_k = kw.get("BLOCK_K", common.WHOLE_ROWS)  # the TMA kernel always loads whole rows
+    k = "whole" if block_k == common.WHOLE_ROWS else str(block_k)
     split = f", dX split {kw['DX_SPLIT']}" if kw.get("DX_SPLIT", 1) > 1 else ""
     specialised = ", warp-specialised" if kw.get("WARP_SPECIALIZE") else ""
     one_exp = ", one exp2" if kw.get("ONE_EXP") else ""
@@ -71,41 +72,45 @@ def main(argv: list[str] | None = None) -> int:
     a, b = _features(n, d)
     scale = torch.tensor([1 / 0.07], device="cuda")
     out_mult = torch.tensor([1.0 / (2 * n)], device="cuda") * scale
-    mode = K.MODE_CLIP
+    mode = LossMode.CLIP
 
-    def forward():
-        return K.row_logsumexp(a, b, scale, row_offset=0, mode=mode, with_col=True)
+    def forward_pass():
+        return forward.row_logsumexp(a, b, scale, row_offset=0, mode=mode, with_col=True)
 
-    lse_rows, _, lse_cols = forward()  # autotunes the forward at this shape
-    fwd_candidates = _candidates(K._row_logsumexp_tuned)
-    fwd_config = K._row_logsumexp_tuned.best_config
+    lse_rows, _, lse_cols = forward_pass()  # autotunes the forward at this shape
+    fwd_candidates = _candidates(forward._row_logsumexp_tuned)
+    fwd_config = forward._row_logsumexp_tuned.best_config
 
     def forward_rows_only():  # the same pass without CLIP's column statistics
-        return K.row_logsumexp(a, b, scale, row_offset=0, mode=mode, with_col=False)
+        return forward.row_logsumexp(a, b, scale, row_offset=0, mode=mode, with_col=False)
 
     forward_rows_only()  # autotunes this variant (its own key)
 
     def grad_a():
-        return K.row_gradient(a, b, scale, out_mult, lse_rows, lse_cols, row_offset=0, mode=mode)
+        return backward.row_gradient(
+            a, b, scale, out_mult, lse_rows, lse_cols, row_offset=0, mode=mode
+        )
 
     def grad_b():
-        return K.row_gradient(b, a, scale, out_mult, lse_cols, lse_rows, row_offset=0, mode=mode)
+        return backward.row_gradient(
+            b, a, scale, out_mult, lse_cols, lse_rows, row_offset=0, mode=mode
+        )
 
     grad_a()  # autotunes the backward; grad_b shares its key (D, N bucket, mode)
-    bwd_candidates = _candidates(K._row_gradient_tuned)
-    bwd_config = K._row_gradient_tuned.best_config
+    bwd_candidates = _candidates(backward._row_gradient_tuned)
+    bwd_config = backward._row_gradient_tuned.best_config
 
     def gemm():
         return a @ b.T  # (N, N) bf16: the product alone, written out
 
     s_flops = 2.0 * n * n * d
     rows = [
-        ("row_logsumexp (S, row + column lse)", forward, s_flops, _config_name(fwd_config)),
+        ("row_logsumexp (S, row + column lse)", forward_pass, s_flops, _config_name(fwd_config)),
         (
             "row_logsumexp, rows only (not a pass of the loss)",
             forward_rows_only,
             s_flops,
-            _config_name(K._row_logsumexp_tuned.best_config),
+            _config_name(forward._row_logsumexp_tuned.best_config),
         ),
         ("row_gradient dA (S again, W @ B)", grad_a, 2 * s_flops, _config_name(bwd_config)),
         ("row_gradient dB (S again, W^T @ A)", grad_b, 2 * s_flops, _config_name(bwd_config)),
@@ -154,17 +159,17 @@ def _write(path: Path, body: str) -> None:
 def _tma_backward(grad_a, a, b, flops: float) -> str:
     """The dA pass through the experimental TMA + warp-specialised kernel, as a table."""
     title = "## Experimental: the dA pass through the TMA backward (MEGABATCH_TRITON_WS=1)\n\n"
-    os.environ[K.TMA_BACKWARD_ENV] = "1"
+    os.environ[backward_tma.TMA_BACKWARD_ENV] = "1"
     try:
-        if not K._use_tma_backward(a, b):  # else grad_a would time the plain kernel
+        if not backward_tma.use_tma_backward(a, b):  # else grad_a would time the plain kernel
             return f"{title}not applicable to these features (TMA alignment or width)"
         grad_a()  # autotunes the TMA kernel at this shape
         ms = do_bench(grad_a, warmup=25, rep=200, return_mode="median")
     except Exception as exc:  # a new kernel path: report it, keep the tables above
         return f"{title}failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     finally:
-        del os.environ[K.TMA_BACKWARD_ENV]
-    tuned = K._row_gradient_tma_tuned
+        del os.environ[backward_tma.TMA_BACKWARD_ENV]
+    tuned = backward_tma._row_gradient_tma_tuned
     return (
         f"{title}| pass | ms | TFLOP/s (its own FLOPs) | config |\n|---|---:|---:|---|\n"
         f"| row_gradient dA, TMA | {ms:.2f} | {flops / ms / 1e9:.1f} | "

@@ -1,10 +1,11 @@
 """Fused contrastive losses: ``clip_loss`` (CLIP's InfoNCE) and ``ntxent_loss`` (SimCLR).
 
 Neither backend below ever holds the N x N logits: the loss and its gradient come from
-two tiled primitives, ``row_logsumexp`` and ``row_gradient`` (maths in
-``_contrastive_triton.py``), implemented once in Triton (GPU) and once in plain torch
-(CPU). This module validates inputs, chooses the backend and runs the passes, including
-the collectives when the batch is spread over ranks.
+two tiled primitives, ``row_logsumexp`` and ``row_gradient`` (the ContrastiveBackend
+interface and its maths in ``backend.py``), implemented once in Triton (GPU,
+``triton_backend/``) and once in plain torch (CPU, ``torch_backend.py``). This module
+validates inputs, chooses the backend and runs the passes, including the collectives
+when the batch is spread over ranks.
 
 Passes, for N pairs of D-dim features (M local rows per rank, N global):
 
@@ -30,11 +31,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megabatch.kernels import _contrastive_torch
+from megabatch.kernels import torch_backend
+from megabatch.kernels.backend import ContrastiveBackend, LossMode
 from megabatch.kernels.distributed import all_gather_rows, group_rank_and_size
 
-MODE_CLIP = 0
-MODE_NTXENT = 1
 BACKENDS = ("auto", "triton", "torch", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -72,16 +72,17 @@ class _FusedContrastiveLoss(torch.autograd.Function):
 
     x, y: (M, D) local rows: CLIP's image and text features; NT-Xent's z1 and z2, whose
         rows [z1; z2] (2M, D) are both the rows and, gathered, the columns;
-    scale: (1,) fp32 logit multiplier (CLIP's logit_scale, NT-Xent's 1 / tau).
+    scale: (1,) fp32 logit multiplier (CLIP's logit_scale, NT-Xent's 1 / tau);
+    mode: a LossMode; impl: the ContrastiveBackend that runs the passes.
     """
 
     @staticmethod
     def forward(ctx, x, y, scale, mode, group, impl):
-        if mode == MODE_NTXENT:
+        if mode == LossMode.NTXENT:
             x, y = _stacked(x, y), None
         a_global, offset, n_global = _gather_rows(x, group)
         m = x.shape[0]
-        if mode == MODE_CLIP:
+        if mode == LossMode.CLIP:
             b_global, _, _ = _gather_rows(y, group)
             lse_rows, positive, col_part = impl.row_logsumexp(
                 x, b_global, scale, row_offset=offset, mode=mode, with_col=True
@@ -111,15 +112,15 @@ class _FusedContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         impl, mode, offset, coef, group = ctx.impl, ctx.mode, ctx.offset, ctx.coef, ctx.group
-        if mode == MODE_CLIP:
+        if mode == LossMode.CLIP:
             x, y, a_global, b_global, scale, lse_rows, lse_cols, lse_rows_global = ctx.saved_tensors
         else:
             x, a_global, scale, lse_rows, lse_global = ctx.saved_tensors
         # dL/dX = g * coef * s * W @ Y; computed on the device, no host sync.
         out_mult = (grad_loss.to(scale.dtype) * scale * coef).reshape(1)
         single_process = group_rank_and_size(group)[1] == 1
-        if mode == MODE_CLIP and single_process and impl.SUPPORTS_COLUMN_GRADIENT:
-            # One pass yields dA and dB (see _contrastive_torch); its gs covers each entry
+        if mode == LossMode.CLIP and single_process and impl.supports_column_gradient:
+            # One pass yields dA and dB (see torch_backend); its gs covers each entry
             # of W * S once, where the two passes below cover it twice.
             dx, gs, dy = impl.row_gradient(
                 x,
@@ -133,7 +134,7 @@ class _FusedContrastiveLoss(torch.autograd.Function):
                 with_col_grad=True,
             )
             gs = 2 * gs.sum()
-        elif mode == MODE_CLIP:
+        elif mode == LossMode.CLIP:
             m = x.shape[0]
             dx, gs_x = impl.row_gradient(
                 x, b_global, scale, out_mult, lse_rows, lse_cols, row_offset=offset, mode=mode
@@ -209,24 +210,24 @@ def _as_scale_tensor(name: str, value) -> torch.Tensor:
     return t
 
 
-def _select_backend(backend: str, device: torch.device):
+def _select_backend(backend: str, device: torch.device) -> ContrastiveBackend | None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
-        return _contrastive_torch
+        return torch_backend.BACKEND
     if backend == "triton":
-        from megabatch.kernels import _contrastive_triton  # imports triton only when asked for
+        from megabatch.kernels import triton_backend  # imports triton only when asked for
 
-        return _contrastive_triton
+        return triton_backend.BACKEND
     return None  # reference
 
 
-def _check_backend_dtype(impl, x: torch.Tensor) -> None:
-    if x.dtype == torch.float64 and impl is not None and impl is not _contrastive_torch:
+def _check_backend_dtype(impl: ContrastiveBackend | None, x: torch.Tensor) -> None:
+    if x.dtype == torch.float64 and impl is not None and not impl.supports_float64:
         raise ValueError(
-            "backend='triton' takes float32, bfloat16 or float16 features, got float64"
+            f"backend={impl.name!r} takes float32, bfloat16 or float16 features, got float64"
         )
 
 
@@ -269,7 +270,7 @@ def clip_loss(
         return clip_loss_reference(image_features, text_features, scale.reshape(()))
     scale = scale.reshape(1).to(image_features.device, _scale_dtype(image_features))
     return _FusedContrastiveLoss.apply(
-        image_features, text_features, scale, MODE_CLIP, process_group, impl
+        image_features, text_features, scale, LossMode.CLIP, process_group, impl
     )
 
 
@@ -302,7 +303,7 @@ def ntxent_loss(
 
         return ntxent_loss_reference(z1, z2, temp.reshape(()))
     scale = (1.0 / temp).reshape(1).to(z1.device, _scale_dtype(z1))
-    return _FusedContrastiveLoss.apply(z1, z2, scale, MODE_NTXENT, process_group, impl)
+    return _FusedContrastiveLoss.apply(z1, z2, scale, LossMode.NTXENT, process_group, impl)
 
 
 def _stacked(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         # all_reduce(SUM) + slice rather than reduce_scatter: gloo (the CPU backend that the
         # tests and CPU training use) has no reduce_scatter, and the rows are uneven anyway.
         # It moves about world_size times more data than a reduce_scatter would; that is small
-        # for (n_global, D) features, and the planned ring exchange replaces it (DESIGN.md 4).
+        # for (n_global, D) features (docs/ARCHITECTURE.md, "Fused contrastive loss").
         grad = grad_out.contiguous().clone()  # all_reduce works in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = sum(ctx.counts[: ctx.rank])

@@ -140,8 +140,8 @@ def _run(command: str, config, plan, signals: StopSignals | None = None) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from megabatch.data_pipeline.demo import write_demo
-    from megabatch.data_pipeline.tokenizer import CaptionTokenizer, captions_from_shards
+    from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer, captions_from_shards
+    from megabatch.data_pipeline.write.demo import write_demo
 
     if not (DEMO_DATA / "train" / "manifest.json").is_file():
         print(f"writing the digits demo shards to {DEMO_DATA}", file=sys.stderr)

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import torch
 
-from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.read.loader import LoaderConfig, ShardLoader
 from megabatch.trainer import evaluation
 from megabatch.trainer.config import RunConfig
 
 
 def _encode(task, model, spec, config: RunConfig, want_text: bool):
     loader = ShardLoader(
-        LoaderConfig(shards=spec, task=task.name, batch_size=256, num_workers=0, seed=0,
-                     shuffle_block=1, image=task.image, tokenizer=config.data.tokenizer,
-                     context_length=config.model.context_length, pin_memory=False,
+        LoaderConfig(shards=spec, captions=task.name == "clip", batch_size=256, num_workers=0,
+                     seed=0, shuffle_block=1, image=task.image, pin_memory=False,
                      max_member_bytes=config.data.max_member_bytes),
+        tokenizer=task.tokenizer,
     )  # fmt: skip
     images, texts, labels, n = [], [], [], 0
     for batch in loader:

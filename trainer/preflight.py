@@ -31,7 +31,7 @@ def check_run(config: RunConfig, world_size: int, for_eval: bool = False) -> Res
 def _check_tokenizer(config: RunConfig) -> int:
     if config.task != "clip" or config.data.tokenizer is None:
         return 1
-    from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+    from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 
     path = Path(config.data.tokenizer)
     try:
@@ -62,7 +62,7 @@ def _check_model(config: RunConfig, vocab_size: int) -> None:
 
 def _check_shards(key: str, spec) -> None:
     from megabatch.data_pipeline.errors import DataError
-    from megabatch.data_pipeline.loader import resolve_sources
+    from megabatch.data_pipeline.shard_specs import resolve_sources
 
     try:
         resolve_sources(spec)

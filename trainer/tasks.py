@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megabatch.data_pipeline.transforms import ImageConfig, device_preprocess
+from megabatch.data_pipeline.read.transforms import ImageConfig, device_preprocess
 from megabatch.kernels import clip_loss, ntxent_loss
 from megabatch.trainer.config import RunConfig
 
@@ -16,7 +16,7 @@ class ClipTask:
     name = "clip"
 
     def __init__(self, config: RunConfig, device: torch.device, world_size: int):
-        from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+        from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = CaptionTokenizer.load(config.data.tokenizer, config.model.context_length)
@@ -61,7 +61,7 @@ class SimCLRTask:
     name = "simclr"
 
     def __init__(self, config: RunConfig, device: torch.device, world_size: int):
-        from megabatch.data_pipeline.views import SimCLRViews, ViewConfig
+        from megabatch.data_pipeline.read.views import SimCLRViews, ViewConfig
 
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = None

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.read.loader import LoaderConfig, ShardLoader
 from megabatch.trainer import checkpoint
 from megabatch.trainer.config import RunConfig, dump_config, plain_dict
 from megabatch.trainer.engine import apply_optimizer_config, build_engine
@@ -59,11 +59,10 @@ class SignalledWhileWaitingForData(Exception):
 def training_loader_config(config: RunConfig, image) -> LoaderConfig:
     """What the training loader reads, from the run's data, batch and model keys."""
     return LoaderConfig(
-        shards=config.data.train, task=config.task, seed=config.seed,
+        shards=config.data.train, captions=config.task == "clip", seed=config.seed,
         batch_size=config.batch.micro_batch_size, num_workers=config.data.num_workers,
         shuffle_block=config.data.shuffle_block, resampled=config.data.resampled,
-        drop_last=True, image=image, tokenizer=config.data.tokenizer,
-        context_length=config.model.context_length, max_member_bytes=config.data.max_member_bytes,
+        drop_last=True, image=image, max_member_bytes=config.data.max_member_bytes,
     )  # fmt: skip
 
 
@@ -79,7 +78,8 @@ class Trainer:
         model = self.task.build_model().to(world.device)
         self.engine, self.scheduler = build_engine(model, config)
         self.loader = ShardLoader(training_loader_config(config, self.task.image),
-                                  rank=world.rank, world_size=world.world_size)  # fmt: skip
+                                  rank=world.rank, world_size=world.world_size,
+                                  tokenizer=self.task.tokenizer)  # fmt: skip
         self.sink = JsonLinesSink(self.run_dir / "metrics.jsonl") if world.is_main else None
         self.step, self.samples_seen, self.nonfinite_in_a_row = 0, 0, 0
         self._waiting_for_data = False

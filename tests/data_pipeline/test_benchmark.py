@@ -4,7 +4,7 @@ the loader decodes, the way the loader decodes it."""
 import pytest
 
 from megabatch.data_pipeline import benchmark
-from megabatch.data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.read.transforms import ImageConfig
 from tests.data_pipeline.fake_shards import write_shards
 
 
@@ -48,3 +48,28 @@ def test_rows_are_measured_in_rounds_and_reported_as_medians(tmp_path, monkeypat
     text = out.read_text()
     assert "| decode | 1 | 200 | - | - | 100, 300, 200 |" in text
     assert "| clip | 1 | 150 | 0.75 | - | 90, 150, 170 |" in text
+
+
+def test_the_outputs_measurements_section_is_kept(tmp_path, monkeypatch):
+    write_shards(tmp_path / "shards", 6, per_shard=3)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "_measure", lambda stage, workers, args, tokenizer: 100.0)
+    out = tmp_path / "bench.md"
+    notes = f"\n{benchmark.NOTES_HEADING}\n\nMeasured by hand: 6 us a sample.\n"
+    out.write_text("# Input pipeline benchmark\n\nold table\n" + notes)
+    args = ["--shards", str(tmp_path / "shards"), "--stages", "decode", "--workers", "1"]
+    assert benchmark.main([*args, "--repeat", "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "old table" not in text and "| decode | 1 | 100 |" in text
+    assert text.endswith(notes)
+
+
+def test_the_loader_stages_configs_come_from_the_arguments():
+    args = benchmark.argparse.Namespace(shards="s", crop=224, load_size=256, decoder="pil",
+                                        batch_size=64)  # fmt: skip
+    clip = benchmark._loader_config("clip", 2, args)
+    assert (clip.captions, clip.num_workers, clip.batch_size) == (True, 2, 64)
+    assert clip.resampled and not clip.pin_memory
+    assert (clip.image.size, clip.image.load_size, clip.image.decoder) == (224, 256, "pil")
+    assert benchmark._loader_config("clip-resize", 1, args).image.load_size == 224
+    assert not benchmark._loader_config("simclr-views", 1, args).captions

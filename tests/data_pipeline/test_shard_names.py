@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from megabatch.data_pipeline.inspect_shards import inspect_shards
-from megabatch.data_pipeline.loader import LoaderConfig, ShardLoader
-from megabatch.data_pipeline.tokenizer import captions_from_shards
-from megabatch.data_pipeline.transforms import ImageConfig
+from megabatch.data_pipeline.read.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.read.tokenizer import captions_from_shards
+from megabatch.data_pipeline.read.transforms import ImageConfig
+from megabatch.data_pipeline.write.inspect_shards import inspect_shards
 from megabatch.trainer.cli import main
 from tests.data_pipeline.fake_shards import write_shards
 
@@ -21,10 +21,9 @@ PLANTED = f"pipe:touch {MARKER}; cat 00000.tar"
 KEYS = [f"{i:09d}" for i in range(10)]
 
 
-def _loader(spec, tokenizer_path):
-    return ShardLoader(LoaderConfig(shards=spec, task="clip", batch_size=4, num_workers=0,
-                                    tokenizer=tokenizer_path, context_length=12,
-                                    image=ImageConfig(size=16)))  # fmt: skip
+def _loader(spec, tokenizer):
+    return ShardLoader(LoaderConfig(shards=spec, batch_size=4, num_workers=0,
+                                    image=ImageConfig(size=16)), tokenizer=tokenizer)  # fmt: skip
 
 
 def _keys(loader):
@@ -50,8 +49,8 @@ def planted_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["manifest.json", "."])
-def test_a_manifest_entry_is_read_as_a_missing_file(planted_manifest, tokenizer_path, spec):
-    loader = _loader(spec, tokenizer_path)
+def test_a_manifest_entry_is_read_as_a_missing_file(planted_manifest, tokenizer, spec):
+    loader = _loader(spec, tokenizer)
     assert _keys(loader) == KEYS  # once each: the command's copy of 00000.tar never ran
     assert loader.skipped_total["bad_shard"] == 1
     assert sorted(captions_from_shards(spec)) == sorted(f"a photo of sample {i}" for i in range(10))
@@ -62,8 +61,8 @@ def test_a_manifest_entry_is_read_as_a_missing_file(planted_manifest, tokenizer_
     assert not (planted_manifest / MARKER).exists()
 
 
-def test_a_file_named_like_a_command_is_read_as_a_file(planted_file, tokenizer_path, capsys):
-    loader = _loader(".", tokenizer_path)
+def test_a_file_named_like_a_command_is_read_as_a_file(planted_file, tokenizer, capsys):
+    loader = _loader(".", tokenizer)
     assert _keys(loader) == KEYS
     assert loader.skipped_total["bad_shard"] == 1  # the empty file
     report = inspect_shards(".")
@@ -73,8 +72,8 @@ def test_a_file_named_like_a_command_is_read_as_a_file(planted_file, tokenizer_p
     assert not (planted_file / MARKER).exists()
 
 
-def test_a_pipe_spec_the_user_wrote_still_runs(shards, tokenizer_path, tmp_path):
+def test_a_pipe_spec_the_user_wrote_still_runs(shards, tokenizer, tmp_path):
     marker = tmp_path / "ran"
     spec = f"pipe:touch {marker}; cat {shards}/00000.tar"
-    assert len(_keys(_loader(spec, tokenizer_path))) == 13
+    assert len(_keys(_loader(spec, tokenizer))) == 13
     assert marker.exists()

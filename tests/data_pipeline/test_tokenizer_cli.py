@@ -2,7 +2,7 @@
 
 import pytest
 
-from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.trainer.cli import main
 from tests.data_pipeline.fake_shards import write_shards
 

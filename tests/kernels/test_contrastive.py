@@ -10,13 +10,11 @@ The floor matters where the exact gradient is 0, as for NT-Xent with N = 1. Trit
 interpreted here, where tl.dot is IEEE fp32, so the same tolerance applies.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megabatch.kernels import _contrastive_torch, clip_loss, ntxent_loss
+from megabatch.kernels import clip_loss, ntxent_loss, torch_backend
 from megabatch.kernels.reference import clip_loss_reference, ntxent_loss_reference
 from tests.kernels.features import spread_features
 
@@ -92,12 +90,12 @@ def test_logits_spread_past_one_shared_shift(loss_name, backend, monkeypatch):
     # tile where a column's terms would underflow. 32 x 64 tiles over N = 100: the tiles
     # of columns 0-63 take the shared path, those of columns 64-99 (near and far
     # together) the fallback. Triton without ONE_EXP takes two exponentials everywhere.
-    from megabatch.kernels import _contrastive_triton as K
+    from megabatch.kernels.triton_backend import common, forward
 
-    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 32)
-    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 64)
-    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128})
-    monkeypatch.setattr(K, "_INTERPRET_ONE_EXP", backend != "triton two exp2s")
+    monkeypatch.setattr(torch_backend, "_TILE_ROWS", 32)
+    monkeypatch.setattr(torch_backend, "_TILE_COLS", 64)
+    monkeypatch.setattr(common, "INTERPRET_BLOCKS", {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128})
+    monkeypatch.setattr(forward, "_INTERPRET_ONE_EXP", backend != "triton two exp2s")
     backend = backend.split()[0]
     fn, ref, _ = LOSSES[loss_name]
     a, b = spread_features(100, 16, far_from=80)
@@ -111,8 +109,8 @@ def test_logits_spread_past_one_shared_shift(loss_name, backend, monkeypatch):
 def test_torch_backend_small_odd_tiles(loss_name, monkeypatch):
     # 3 x 7 tiles: every merge across row and column tiles, and positives and NT-Xent's
     # self entries falling on tile edges (one 1024 x 1024 tile holds these whole batches).
-    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 3)
-    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 7)
+    monkeypatch.setattr(torch_backend, "_TILE_ROWS", 3)
+    monkeypatch.setattr(torch_backend, "_TILE_COLS", 7)
     fn, ref, s = LOSSES[loss_name]
     a, b = _features(100, 32)
     got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="torch")
@@ -128,12 +126,12 @@ def test_triton_both_loading_schemes(loss_name, block_k, one_exp, monkeypatch):
     # BLOCK_K = 128); here each scheme runs where the sweep runs the other, with row and
     # column blocks that split N = 100 into ragged tiles; and with one exp2 a logit (as
     # the sweep) and two (the other autotune configs).
-    from megabatch.kernels import _contrastive_triton as K
+    from megabatch.kernels.triton_backend import common, forward
 
-    monkeypatch.setattr(K, "_INTERPRET_ONE_EXP", one_exp)
+    monkeypatch.setattr(forward, "_INTERPRET_ONE_EXP", one_exp)
     blocks = {"BLOCK_M": 32, "BLOCK_N": 64}
-    blocks["BLOCK_K"] = K.WHOLE_ROWS if block_k == "whole rows" else block_k
-    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", blocks)
+    blocks["BLOCK_K"] = common.WHOLE_ROWS if block_k == "whole rows" else block_k
+    monkeypatch.setattr(common, "INTERPRET_BLOCKS", blocks)
     d = 256 if block_k == "whole rows" else 40
     fn, ref, s = LOSSES[loss_name]
     a, b = _features(100, d, seed=7)
@@ -142,29 +140,14 @@ def test_triton_both_loading_schemes(loss_name, block_k, one_exp, monkeypatch):
     _assert_matches(got, want, _multiplier(loss_name, s))
 
 
-def test_column_partials_merge_in_place_like_logsumexp():
-    # (programs, N) log2-sum-exp2 partials -> natural-log column lse; a program that saw no
-    # rows leaves -inf, and a column nobody saw stays -inf.
-    from megabatch.kernels import _contrastive_triton as K
-
-    g = torch.Generator().manual_seed(3)
-    part = torch.randn(6, 50, generator=g) * 40
-    part[2] = float("-inf")
-    part[:, 7] = float("-inf")
-    want = torch.logsumexp(part.double() * math.log(2.0), dim=0)
-    got = K._merge_column_partials_(part.clone())
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
-    assert got[7] == float("-inf")
-
-
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_triton_backward_with_dx_columns_split(loss_name, monkeypatch):
     # DX_SPLIT = 2: two programs share each row block's dX columns (D = 200: the second
     # half is ragged), each recomputing S from K-chunks.
-    from megabatch.kernels import _contrastive_triton as K
+    from megabatch.kernels.triton_backend import common
 
-    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
-    monkeypatch.setattr(K, "_INTERPRET_DX_SPLIT", 2)
+    monkeypatch.setattr(common, "INTERPRET_BLOCKS", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
+    monkeypatch.setattr(common, "INTERPRET_DX_SPLIT", 2)
     fn, ref, s = LOSSES[loss_name]
     a, b = _features(100, 200, seed=11)
     got = _loss_and_grads(fn, a, b, torch.tensor(s), backend="triton")
@@ -179,15 +162,17 @@ def test_triton_tma_backward(loss_name, dx_split, monkeypatch):
     # N = 100 leaves ragged 32 x 64 tiles, so the descriptors' zero fill past N and past
     # D is what keeps the sums right. D = 46 (184-byte rows) is no TMA stride: it falls
     # back to the plain kernel, with the same result.
-    from megabatch.kernels import _contrastive_triton as K
+    from megabatch.kernels.triton_backend import backward_tma, common
 
-    monkeypatch.setenv(K.TMA_BACKWARD_ENV, "1")
+    monkeypatch.setenv(backward_tma.TMA_BACKWARD_ENV, "1")
     # BLOCK_K: the fallback's K-chunks (the TMA kernel always loads whole rows).
-    monkeypatch.setattr(K, "_INTERPRET_BLOCKS", {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32})
-    monkeypatch.setattr(K, "_INTERPRET_DX_SPLIT", dx_split)
+    monkeypatch.setattr(common, "INTERPRET_BLOCKS", {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32})
+    monkeypatch.setattr(common, "INTERPRET_DX_SPLIT", dx_split)
     used = []
-    real = K._row_gradient_tma
-    monkeypatch.setattr(K, "_row_gradient_tma", lambda *a, **k: used.append(1) or real(*a, **k))
+    real = backward_tma.row_gradient_tma
+    monkeypatch.setattr(
+        backward_tma, "row_gradient_tma", lambda *a, **k: used.append(1) or real(*a, **k)
+    )
     fn, ref, s = LOSSES[loss_name]
     for d, tma in ((48, True), (46, False)):
         used.clear()
@@ -196,89 +181,6 @@ def test_triton_tma_backward(loss_name, dx_split, monkeypatch):
         want = _loss_and_grads(ref, a, b, torch.tensor(s))
         _assert_matches(got, want, _multiplier(loss_name, s))
         assert bool(used) == tma
-
-
-def test_autotune_splits_dx_columns_only_for_wide_rows():
-    from megabatch.kernels import _contrastive_triton as K
-
-    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
-
-    def splits(d_pad):
-        kept = K._prune(K._BWD_CONFIGS, bf16, D_PAD=d_pad, DX_COLS=min(d_pad, 512),
-                        INPUT_PRECISION="ieee")  # fmt: skip
-        return [c for c in kept if c.kwargs["DX_SPLIT"] == 2]
-
-    assert splits(512) and splits(256)
-    assert not splits(128)
-
-
-@pytest.mark.parametrize(
-    "dtype,d_pad,whole_rows_kept",
-    [(torch.bfloat16, 512, True), (torch.float32, 256, True), (torch.float32, 512, False),
-     (torch.bfloat16, 1024, False)],
-)  # fmt: skip
-def test_autotune_keeps_whole_rows_only_where_they_fit(dtype, d_pad, whole_rows_kept):
-    # Whole-rows configs hold X's block and a Y tile per stage in shared memory: sized for
-    # rows of 1 KB. Beyond that they cannot launch, so they must not even be compiled.
-    from megabatch.kernels import _contrastive_triton as K
-
-    x = {"X": torch.empty(0, dtype=dtype)}
-    kept = K._prune(K._BWD_CONFIGS, x, D_PAD=d_pad, DX_COLS=min(d_pad, 512),
-                    INPUT_PRECISION="tf32")  # fmt: skip
-    whole = [c for c in kept if c.kwargs["BLOCK_K"] == K.WHOLE_ROWS]
-    assert bool(whole) == whole_rows_kept
-    chunked = [c for c in K._BWD_CONFIGS if c.kwargs["BLOCK_K"] != K.WHOLE_ROWS]
-    assert len(kept) - len(whole) == len(chunked)
-
-
-@pytest.mark.parametrize("with_col", [True, False])
-def test_autotune_offers_one_exp_only_with_column_statistics(with_col):
-    # Without column statistics (NT-Xent) a ONE_EXP config is the same kernel as its twin.
-    from megabatch.kernels import _contrastive_triton as K
-
-    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
-    kept = K._prune(K._FWD_CONFIGS, bf16, D_PAD=512, WITH_COL=with_col, INPUT_PRECISION="ieee")
-    offered = sum(c.kwargs["ONE_EXP"] for c in K._FWD_CONFIGS)
-    kept_one_exp = sum(c.kwargs["ONE_EXP"] for c in kept)
-    assert offered > 0 and kept_one_exp == (offered if with_col else 0)
-    assert len(kept) - kept_one_exp == len(K._FWD_CONFIGS) - offered
-
-
-def test_autotune_choices_are_per_gpu_model(monkeypatch):
-    # One process may drive two GPU models: a config tuned on one (its shared memory,
-    # its SM count) must not be replayed on the other.
-    from types import SimpleNamespace
-
-    from megabatch.kernels import _contrastive_triton as K
-
-    models = {0: SimpleNamespace(major=9, minor=0, multi_processor_count=132),
-              1: SimpleNamespace(major=8, minor=0, multi_processor_count=108)}  # fmt: skip
-    monkeypatch.setattr(K, "_device_properties", models.__getitem__)
-    on = [SimpleNamespace(device=torch.device("cuda", i)) for i in (0, 1)]
-    assert K._device_key(on[0]) != K._device_key(on[1])
-    assert K._num_sms(1) == 108
-    for tuned in (K._row_logsumexp_tuned, K._row_gradient_tuned, K._row_gradient_tma_tuned):
-        assert "DEVICE_KEY" in tuned.keys
-
-
-@pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_CONFIGS"])
-def test_autotune_times_nothing_for_ieee_fp32(configs):
-    # The CUDA-core path: one config, so no timing runs (tensor-core shapes are moot there).
-    from megabatch.kernels import _contrastive_triton as K
-
-    candidates = getattr(K, configs)
-    fp32 = {"X": torch.empty(0, dtype=torch.float32)}
-    kept = K._prune(candidates, fp32, D_PAD=256, DX_COLS=256, WITH_COL=True,
-                    INPUT_PRECISION="ieee")  # fmt: skip
-    assert len(kept) == 1 and kept[0].kwargs["BLOCK_K"] != K.WHOLE_ROWS
-    assert kept[0].kwargs.get("DX_SPLIT", 1) == 1
-    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
-    kept = K._prune(candidates, bf16, D_PAD=256, DX_COLS=256, WITH_COL=True,
-                    INPUT_PRECISION="ieee")  # fmt: skip
-    assert len(kept) == len(candidates)
-    # fp32 with TF32 on and off are two shapes classes: neither reuses the other's choice.
-    tuned = K._row_logsumexp_tuned if configs == "_FWD_CONFIGS" else K._row_gradient_tuned
-    assert "INPUT_PRECISION" in tuned.keys
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -388,8 +290,8 @@ def test_no_n_by_n_allocation(backend, monkeypatch):
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 64)
-    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 64)
+    monkeypatch.setattr(torch_backend, "_TILE_ROWS", 64)
+    monkeypatch.setattr(torch_backend, "_TILE_COLS", 64)
     n = 300
     largest = 0
 
@@ -456,8 +358,8 @@ def test_torch_backend_forward_copies_no_features(loss_name, monkeypatch):
     no [z1; z2])."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(_contrastive_torch, "_TILE_ROWS", 32)
-    monkeypatch.setattr(_contrastive_torch, "_TILE_COLS", 32)
+    monkeypatch.setattr(torch_backend, "_TILE_ROWS", 32)
+    monkeypatch.setattr(torch_backend, "_TILE_COLS", 32)
     n, d = 100, 64
     largest = 0
 

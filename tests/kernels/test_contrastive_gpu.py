@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from megabatch.kernels import _contrastive_triton as K
 from megabatch.kernels import clip_loss, ntxent_loss
 from megabatch.kernels.reference import clip_loss_reference, ntxent_loss_reference
+from megabatch.kernels.triton_backend import backward, backward_tma, common, forward
 from tests.kernels.features import spread_features
 
 pytestmark = pytest.mark.gpu
@@ -103,24 +103,24 @@ def test_tf32_matches_reference(loss_name, tf32_matmul):
 # Every autotune config once, whichever the autotuner would keep here: a config that
 # loses the race on this GPU and shape can win on another, so each must be right. N =
 # 1,000 leaves ragged row and column tiles for every block shape.
-def _only(monkeypatch, tuned_name, kernel, config):
-    """The launcher runs `kernel` with `config` alone where it would autotune."""
-    monkeypatch.setattr(K, tuned_name, triton.autotune([config], key=["D"])(kernel))
+def _only(monkeypatch, module, tuned_name, kernel, config):
+    """module's launcher runs `kernel` with `config` alone where it would autotune."""
+    monkeypatch.setattr(module, tuned_name, triton.autotune([config], key=["D"])(kernel))
 
 
 def _config_id(config):
     kw = {**config.kwargs, "warps": config.num_warps, "stages": config.num_stages}
-    return "-".join(f"{k}{'whole' if v == K.WHOLE_ROWS else v}" for k, v in kw.items())
+    return "-".join(f"{k}{'whole' if v == common.WHOLE_ROWS else v}" for k, v in kw.items())
 
 
 @pytest.mark.parametrize("features", ["typical", "spread"])
-@pytest.mark.parametrize("config", K._FWD_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("config", forward._FWD_CONFIGS, ids=_config_id)
 def test_every_forward_config_matches_reference(config, features, monkeypatch):
     # "spread": logits at scale 100 whose far columns sit ~190 below the top of tiles
     # they share with near ones, so ONE_EXP configs take their per-tile fallback, here
     # where ex2.approx flushes what falls below 2^-126 to zero (the CPU interpreter
     # keeps subnormals).
-    _only(monkeypatch, "_row_logsumexp_tuned", K._row_logsumexp_kernel, config)
+    _only(monkeypatch, forward, "_row_logsumexp_tuned", forward._row_logsumexp_kernel, config)
     if features == "typical":
         a, b = _features(1000, 512, torch.bfloat16, seed=3)
         s = LOSSES["clip"][2]
@@ -132,9 +132,9 @@ def test_every_forward_config_matches_reference(config, features, monkeypatch):
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
-@pytest.mark.parametrize("config", K._BWD_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("config", backward._BWD_CONFIGS, ids=_config_id)
 def test_every_backward_config_matches_reference(config, loss_name, monkeypatch):
-    _only(monkeypatch, "_row_gradient_tuned", K._row_gradient_kernel, config)
+    _only(monkeypatch, backward, "_row_gradient_tuned", backward._row_gradient_kernel, config)
     a, b = _features(1000, 512, torch.bfloat16, seed=4)
     _assert_matches_reference(loss_name, "bf16", a, b, LOSSES[loss_name][2])
 
@@ -189,8 +189,8 @@ def test_tma_backward_matches_the_plain_kernel(loss_name, monkeypatch):
     fn, _, s = LOSSES[loss_name]
     a, b = _features(16384, 512, torch.bfloat16)
     want = _loss_and_grads(fn, a, b, s, backend="triton")
-    monkeypatch.setenv(K.TMA_BACKWARD_ENV, "1")
-    assert K._use_tma_backward(a, b)
+    monkeypatch.setenv(backward_tma.TMA_BACKWARD_ENV, "1")
+    assert backward_tma.use_tma_backward(a, b)
     got = _loss_and_grads(fn, a, b, s, backend="triton")
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the same forward
     # Both gradients are fp32 sums in different orders, rounded to bf16 once.

@@ -1,4 +1,5 @@
-"""The Triton kernels compile for Hopper (sm_90a) without a GPU: every autotune config of
+"""The Triton kernels compile for Hopper (sm_90a) without a GPU (the report of
+``python -m megabatch.kernels.hopper_compile``, kernels/hopper_compile.py): every autotune config of
 the bf16 CLIP path (the benchmarked one) must compile, use wgmma, fit Hopper's 228 KB of
 shared memory per block, and spill at most a little (ptxas spill stores under 1 KB); the
 forward's column merge must take its log2s from the special-function unit; the
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from megabatch.kernels import _contrastive_triton as K
+from megabatch.kernels.triton_backend import backward, backward_tma, forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_all_configs_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.hopper_compile"],
+        [sys.executable, "-m", "megabatch.kernels.hopper_compile"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -29,7 +30,8 @@ def test_all_configs_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(reports) == len(K._FWD_CONFIGS) + len(K._BWD_CONFIGS) + len(K._TMA_BWD_CONFIGS)
+    configs = forward._FWD_CONFIGS + backward._BWD_CONFIGS + backward_tma._TMA_BWD_CONFIGS
+    assert len(reports) == len(configs)
     for r in reports:
         # The experimental TMA backward: warp-specialised where its config asks for it.
         assert r["warp_specialized"] == r["config"].get("WARP_SPECIALIZE", False), r

@@ -18,7 +18,7 @@ ZERO2 = {"engine.zero_stage": 2, "train.max_steps": 2, "train.checkpoint_every_s
 
 def write_data(folder: Path) -> Path:
     """96 training samples (shards of 16), 32 held out, and a tokenizer: the tiny set."""
-    from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+    from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
     from tests.data_pipeline.fake_shards import captions, write_shards
 
     write_shards(folder / "train", 96, per_shard=16)

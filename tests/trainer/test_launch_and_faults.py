@@ -62,7 +62,7 @@ def _nan_losses(rank, world_size, tmp, k):
 
 @pytest.mark.multiproc
 def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
-    from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+    from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
     from tests.data_pipeline.fake_shards import captions, write_shards
 
     write_shards(tmp_path / "train", 64, per_shard=16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import CLIPModel as HFCLIPModel
 
-from megabatch.data_pipeline.tokenizer import CaptionTokenizer
+from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.trainer.models.clip import CLIP_PRESETS, ClipModel, clip_config
 from megabatch.trainer.models.simclr import SimCLRModel
 

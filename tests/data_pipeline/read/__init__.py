@@ -1,0 +1,1 @@
+"""Tests of megabatch.data_pipeline.read: the plan, the stream, the loader, transforms, views, the tokenizer."""
