@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint format clean bench-kernels bench-data bench-train gpu-check gpu-test gpu-bench
+.PHONY: help install test demo lint check-coexistence format clean bench-kernels bench-data bench-train gpu-check gpu-test gpu-bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,16 +23,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install megabatch (editable) with the dev tools
 
-test: $(STAMP) ## Lint, check formatting, then run the test suite on 2 workers (the CI command)
+test: $(STAMP) ## Lint, check formatting and the import contracts, then run the test suite on 2 workers (the CI command)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -n 2
 
 demo: $(STAMP) ## The main job on the built-in data: digits shards, tiny CLIP on 2 CPU ranks, evaluation
 	$(BIN)/megabatch demo
 
-lint: $(STAMP) ## Run ruff's linter
+lint: $(STAMP) ## Run ruff's linter and check the import contracts (.importlinter)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+
+check-coexistence: ## Install megabatch beside PyPI's kernels and trainer in a fresh venv; they keep working and the demo runs (needs PyPI, ~5 min)
+	.ci/check-coexistence
 
 format: $(STAMP) ## Reformat the code and apply ruff's safe fixes
 	$(BIN)/ruff check --fix .

@@ -1,7 +1,6 @@
-"""megabatch trainer: config, models, losses, DeepSpeed engine, checkpoints, evaluation, CLI.
-
-Only the command-line entry point (``megabatch.trainer.cli``) exists so far; the training loop
-arrives with the trainer work.
-"""
+"""megabatch.trainer: the run config, the towers, the methods (tasks), the DeepSpeed
+engine, the GradCache step, checkpoints and resume, evaluation, peers and signals, and
+the ``megabatch`` command line. trainer/README.md says where each thing lives and how to
+add a method or a metrics sink."""
 
 __version__ = "0.1.0"

@@ -127,3 +127,83 @@ def test_resume_refuses_step_changes_applies_the_safe_ones_and_keeps_every_confi
     assert "lr: 0.0005" in first and "resumed_from: none" in first
     assert "lr: 0.001" in second and "changed_on_resume: optim.lr 0.0005 -> 0.001" in second
     assert (run / "config.yaml").read_text() == second
+
+
+# ------------------------------------------------------- the checkpoint folder, by itself
+def _fake_checkpoint(root, step, meta='{"step": 0}', complete=True):
+    """A checkpoint folder as ``checkpoint.save`` leaves it, without the DeepSpeed files
+    (the functions below read only the name, the marker and meta.json)."""
+    from megabatch.trainer.checkpoint import COMPLETE, META, checkpoint_name
+
+    path = root / checkpoint_name(step)
+    path.mkdir(parents=True)
+    (path / META).write_text(meta)
+    if complete:
+        (path / COMPLETE).touch()
+    return path
+
+
+def test_only_complete_well_named_checkpoints_count_oldest_first(tmp_path):
+    from megabatch.trainer.checkpoint import complete_checkpoints
+
+    for step in (30, 10, 20):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 40, complete=False)  # cut short: no marker
+    _fake_checkpoint(tmp_path, 50, meta="{not json")
+    _fake_checkpoint(tmp_path, 60, meta="[1, 2]")  # not a mapping
+    (tmp_path / "step00000070.old-1").mkdir()  # a rename left behind by a crash
+    (tmp_path / "best").mkdir()
+    assert [c.step for c in complete_checkpoints(tmp_path)] == [10, 20, 30]
+    assert complete_checkpoints(tmp_path / "missing") == []
+
+
+def test_a_checkpoint_named_by_the_user_is_checked_with_one_line_errors(tmp_path):
+    from megabatch.trainer.checkpoint import CheckpointError, read_checkpoint
+
+    good = _fake_checkpoint(tmp_path, 5, meta='{"step": 5, "loss": 1.5}')
+    assert read_checkpoint(good).step == 5 and read_checkpoint(good).loss_is_finite
+    cases = {
+        tmp_path / "nothing": "no checkpoint directory at",
+        _fake_checkpoint(tmp_path, 6, complete=False): "is not a complete checkpoint",
+        _fake_checkpoint(tmp_path, 7, meta="{"): "cannot read",
+        _fake_checkpoint(tmp_path, 8, meta='"text"'): "does not hold a mapping",
+    }
+    for path, message in cases.items():
+        with pytest.raises(CheckpointError, match=message) as caught:
+            read_checkpoint(path)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_non_finite_loss_is_seen_in_the_meta(tmp_path):
+    from megabatch.trainer.checkpoint import read_checkpoint
+
+    assert not read_checkpoint(_fake_checkpoint(tmp_path, 1, '{"loss": NaN}')).loss_is_finite
+    assert read_checkpoint(_fake_checkpoint(tmp_path, 2, "{}")).loss_is_finite  # older runs
+
+
+def test_prune_keeps_the_newest_and_ignores_the_rest(tmp_path):
+    from megabatch.trainer.checkpoint import complete_checkpoints, prune
+
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(tmp_path, step)
+    unfinished = _fake_checkpoint(tmp_path, 9, complete=False)
+    removed = prune(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["step00000001", "step00000002"]
+    assert [c.step for c in complete_checkpoints(tmp_path)] == [3, 4]
+    assert unfinished.is_dir()  # not a checkpoint: not the pruner's to remove
+
+
+def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from megabatch.trainer.checkpoint import load_weights_only, rng_state, set_rng_state
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_weights_only(tmp_path / "rng.pt"))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
