@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from megabatch.trainer.config import ConfigError, load_config
-from megabatch.trainer.preflight import check_run
+from megabatch.trainer.preflight import CheckedRun, check_run
 from megabatch.trainer.stop_signals import StopSignals
 
 DEMO_DATA = Path("data/digits")
@@ -70,10 +70,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with StopSignals() as signals:  # from now on a stop signal is not lost
         try:
             config = load_config(config_path, overrides)
-            plan = check_run(config, _world_size_from_env())  # before any process group
+            checked = check_run(config, _world_size_from_env())  # before any process group
         except ConfigError as exc:
             return _fail("train", str(exc))
-        return _run("train", config, plan, signals)
+        return _run("train", config, checked, signals)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -81,15 +81,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # The run is where it is now: its config.yaml may name where it was trained.
         config = load_config(args.run_dir / "config.yaml",
                              [f"run_dir={args.run_dir}", "train.resume=auto", *args.overrides])  # fmt: skip
-        plan = check_run(config, _world_size_from_env(), for_eval=True)
-        if plan.checkpoint is None:
+        checked = check_run(config, _world_size_from_env(), for_eval=True)
+        if checked.resume.checkpoint is None:
             raise ConfigError(f"no complete checkpoint to evaluate in {args.run_dir}/checkpoints")
     except ConfigError as exc:
         return _fail("eval", str(exc))
-    return _run("eval", config, plan)
+    return _run("eval", config, checked)
 
 
-def _run(command: str, config, plan, signals: StopSignals | None = None) -> int:
+def _run(command: str, config, checked: CheckedRun, signals: StopSignals | None = None) -> int:
     """Build the world and the trainer, run the command; errors are one line per rank
     (the rank named when there are several) and an exit status: 2 for bad input (data,
     a refused checkpoint), 1 for a failed run, 75 to requeue."""
@@ -107,7 +107,7 @@ def _run(command: str, config, plan, signals: StopSignals | None = None) -> int:
     who = f"megabatch {command}: " + (f"rank {world.rank}: " if world.world_size > 1 else "")
     status, reason = 1, ""
     try:
-        trainer = Trainer(config, world, plan, signals)
+        trainer = Trainer(config, world, checked.resume, signals, checked.tokenizer)
         if command == "eval":
             results = trainer.evaluate_checkpoint()
             if world.is_main:

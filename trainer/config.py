@@ -53,7 +53,7 @@ class DataConfig:
     num_workers: int = 2
     """Loader worker processes per rank."""
     load_size: int | None = None
-    """Side the workers decode to (None: model.image_size); see megabatch.data_pipeline.transforms."""
+    """Side the workers decode to (None: model.image_size); see megabatch.data_pipeline.read.transforms."""
     decoder: Literal["auto", "pil", "simplejpeg"] = "auto"
     """JPEG decoding in the workers: simplejpeg for JPEGs already at the workers' side
     (auto: when installed), PIL for the rest; pil: PIL for everything."""

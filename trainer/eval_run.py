@@ -8,18 +8,15 @@ from pathlib import Path
 
 import torch
 
-from megabatch.data_pipeline.read.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.read.loader import ShardLoader
 from megabatch.trainer import evaluation
 from megabatch.trainer.config import RunConfig
+from megabatch.trainer.data import loader_config
 
 
 def _encode(task, model, spec, config: RunConfig, want_text: bool):
-    loader = ShardLoader(
-        LoaderConfig(shards=spec, captions=task.name == "clip", batch_size=256, num_workers=0,
-                     seed=0, shuffle_block=1, image=task.image, pin_memory=False,
-                     max_member_bytes=config.data.max_member_bytes),
-        tokenizer=task.tokenizer,
-    )  # fmt: skip
+    loader = ShardLoader(loader_config(config, spec, captions=task.captions, evaluation=True),
+                         tokenizer=task.tokenizer)  # fmt: skip
     images, texts, labels, n = [], [], [], 0
     for batch in loader:
         images.append(task.image_features(model, batch).float().cpu())
@@ -50,10 +47,9 @@ def evaluate(task, model, config: RunConfig) -> dict[str, float]:
         return {}
     was_training = model.training
     model.eval()
-    clip = task.name == "clip"
-    val_x, val_t, val_y = _encode(task, model, config.data.val, config, want_text=clip)
+    val_x, val_t, val_y = _encode(task, model, config.data.val, config, want_text=task.captions)
     results: dict[str, float] = {}
-    if clip:
+    if task.captions:
         recall = evaluation.retrieval_recall(val_x, val_t)
         results["retrieval_i2t_r1"], results["retrieval_t2i_r1"] = (
             recall["i2t_r1"],

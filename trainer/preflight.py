@@ -7,57 +7,41 @@ the config may make to it (trainer.resume).
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
+from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.trainer.config import ConfigError, RunConfig
+from megabatch.trainer.data import load_tokenizer
 from megabatch.trainer.resume import ResumePlan, plan_resume
+from megabatch.trainer.tasks import TASKS
 
 
-def check_run(config: RunConfig, world_size: int, for_eval: bool = False) -> ResumePlan:
+@dataclass(frozen=True)
+class CheckedRun:
+    resume: ResumePlan
+    """Which checkpoint to resume from, and what the config changes in it."""
+    tokenizer: CaptionTokenizer | None
+    """The caption tokenizer, loaded here once (None for a task without captions): the
+    trainer hands it to the task, the loader and evaluation."""
+
+
+def check_run(config: RunConfig, world_size: int, for_eval: bool = False) -> CheckedRun:
     """Raise ConfigError (one line naming the key or file) for anything that would fail
-    later; returns which checkpoint to resume from."""
+    later; returns what the run goes on with."""
     config.validate(world_size)
     if not for_eval and config.data.train is None:
         raise ConfigError("data.train is required: the training shards")
-    vocab_size = _check_tokenizer(config)
-    _check_model(config, vocab_size)
+    task = TASKS[config.task]
+    tokenizer = load_tokenizer(config) if task.captions else None
+    try:
+        task.check_model(config, tokenizer.vocab_size if tokenizer is not None else 1)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for key in ("data.train", "data.val"):
         spec = getattr(config.data, key.split(".")[1])
         if spec is not None:
             _check_shards(key, spec)
-    return plan_resume(config, world_size, for_eval=for_eval)
-
-
-def _check_tokenizer(config: RunConfig) -> int:
-    if config.task != "clip" or config.data.tokenizer is None:
-        return 1
-    from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
-
-    path = Path(config.data.tokenizer)
-    try:
-        return CaptionTokenizer.load(path, config.model.context_length).vocab_size
-    except FileNotFoundError as exc:
-        raise ConfigError(f"data.tokenizer: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"data.tokenizer: cannot load {path}: {first}") from None
-
-
-def _check_model(config: RunConfig, vocab_size: int) -> None:
-    m = config.model
-    try:
-        if config.task == "clip":
-            from megabatch.trainer.models.clip import clip_config
-
-            clip_config(m.preset, image_size=m.image_size, context_length=m.context_length,
-                        vocab_size=vocab_size, pad_id=0, sot_id=0, eot_id=0,
-                        embed_dim=m.embed_dim)  # fmt: skip
-        else:
-            from megabatch.trainer.models.simclr import encoder_config
-
-            encoder_config(m.preset, m.image_size)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return CheckedRun(plan_resume(config, world_size, for_eval=for_eval), tokenizer)
 
 
 def _check_shards(key: str, spec) -> None:

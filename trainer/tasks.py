@@ -1,26 +1,82 @@
-"""What differs between CLIP and SimCLR, behind one small interface the loop uses:
-the model, how a loader batch becomes model inputs, the features of a micro-batch, the
-loss over the whole contrastive batch, and which features evaluation reads."""
+"""What differs between methods (CLIP, SimCLR), behind one small interface, ``Task``,
+that the loop, evaluation and the checks before a run use: the model, how a loader batch
+becomes model inputs, the features of a micro-batch, the loss over the whole contrastive
+batch, and which features evaluation reads. ``TASKS`` maps ``task:`` in the config to the
+class; nothing else looks at the task's name. trainer/README.md: adding a method."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from megabatch.data_pipeline.read.transforms import ImageConfig, device_preprocess
+from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
+from megabatch.data_pipeline.read.transforms import device_preprocess
 from megabatch.kernels import clip_loss, ntxent_loss
 from megabatch.trainer.config import RunConfig
+from megabatch.trainer.data import image_config
+
+
+class Task(Protocol):
+    captions: ClassVar[bool]
+    """Its samples carry captions: the loader tokenizes them (with the tokenizer handed
+    in) and evaluation adds retrieval and zero-shot classification."""
+    tokenizer: CaptionTokenizer | None
+    """The one handed in (evaluation encodes class prompts with it); None without captions."""
+
+    def __init__(self, config: RunConfig, device: torch.device, world_size: int,
+                 tokenizer: CaptionTokenizer | None): ...  # fmt: skip
+
+    @staticmethod
+    def check_model(config: RunConfig, vocab_size: int) -> None:
+        """Before any process group: raise ValueError (one line) if the config's model
+        keys cannot build this task's model."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def inputs(self, batch, step: int, index: int) -> Any:
+        """A loader ``Batch`` -> what ``encode`` takes, on the device (micro-batch
+        ``index`` of ``step``: seeds that the GradCache re-run replays)."""
+
+    def encode(self, model: nn.Module, micro) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two (B, D) feature sets whose rows are positives of each other."""
+
+    def loss(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """The contrastive loss over the global batch, from this rank's rows."""
+
+    scale: Callable[[nn.Module], torch.Tensor] | None
+    """model -> the learnt logit scale the loss takes (its gradient comes from the loss),
+    or None where the scale is a fixed hyperparameter."""
+
+    def image_features(self, model: nn.Module, batch) -> torch.Tensor:
+        """(B, D) features of a loader batch's images, for evaluation."""
+
+    text_features: Callable[[nn.Module, Any], torch.Tensor] | None
+    """(B, D) features of a batch's captions, where ``captions``; else None."""
 
 
 class ClipTask:
-    name = "clip"
+    captions = True
 
-    def __init__(self, config: RunConfig, device: torch.device, world_size: int):
-        from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
-
+    def __init__(self, config: RunConfig, device: torch.device, world_size: int,
+                 tokenizer: CaptionTokenizer | None):  # fmt: skip
+        if tokenizer is None:
+            raise ValueError("task clip needs the caption tokenizer (data.tokenizer)")
         self.config, self.device, self.world_size = config, device, world_size
-        self.tokenizer = CaptionTokenizer.load(config.data.tokenizer, config.model.context_length)
-        self.image = _image_config(config)
+        self.tokenizer = tokenizer
+        self.image = image_config(config)
+
+    @staticmethod
+    def check_model(config: RunConfig, vocab_size: int) -> None:
+        from megabatch.trainer.models.clip import clip_config
+
+        m = config.model
+        clip_config(m.preset, image_size=m.image_size, context_length=m.context_length,
+                    vocab_size=vocab_size, pad_id=0, sot_id=0, eot_id=0,
+                    embed_dim=m.embed_dim)  # fmt: skip
 
     def build_model(self):
         from megabatch.trainer.models.clip import ClipModel, clip_config
@@ -58,15 +114,22 @@ class ClipTask:
 
 
 class SimCLRTask:
-    name = "simclr"
+    captions = False
 
-    def __init__(self, config: RunConfig, device: torch.device, world_size: int):
+    def __init__(self, config: RunConfig, device: torch.device, world_size: int,
+                 tokenizer: CaptionTokenizer | None = None):  # fmt: skip
         from megabatch.data_pipeline.read.views import SimCLRViews, ViewConfig
 
         self.config, self.device, self.world_size = config, device, world_size
-        self.tokenizer = None
-        self.image = _image_config(config)
+        self.tokenizer = None  # images only
+        self.image = image_config(config)
         self.views = SimCLRViews(ViewConfig(size=config.model.image_size))
+
+    @staticmethod
+    def check_model(config: RunConfig, vocab_size: int) -> None:
+        from megabatch.trainer.models.simclr import encoder_config
+
+        encoder_config(config.model.preset, config.model.image_size)
 
     def build_model(self):
         from megabatch.trainer.models.simclr import SimCLRModel
@@ -90,8 +153,7 @@ class SimCLRTask:
         return ntxent_loss(a, b, self.config.loss.temperature, process_group=group,
                            backend=self.config.engine.loss_backend)  # fmt: skip
 
-    def scale(self, model):
-        return None
+    scale = None  # NT-Xent's temperature is a hyperparameter (loss.temperature)
 
     def image_features(self, model, batch):
         images = device_preprocess(batch.to(self.device).images, self.image)
@@ -100,11 +162,10 @@ class SimCLRTask:
     text_features = None
 
 
-def make_task(config: RunConfig, device: torch.device, world_size: int):
-    return (ClipTask if config.task == "clip" else SimCLRTask)(config, device, world_size)
+# ``task:`` in the config -> the class (RunConfig.task lists the same names).
+TASKS: dict[str, type[Task]] = {"clip": ClipTask, "simclr": SimCLRTask}
 
 
-def _image_config(config: RunConfig) -> ImageConfig:
-    """What the workers and the device do to images, from the run's model and data keys."""
-    return ImageConfig(size=config.model.image_size, load_size=config.data.load_size,
-                       decoder=config.data.decoder, max_pixels=config.data.max_image_pixels)  # fmt: skip
+def make_task(config: RunConfig, device: torch.device, world_size: int,
+              tokenizer: CaptionTokenizer | None) -> Task:  # fmt: skip
+    return TASKS[config.task](config, device, world_size, tokenizer)

@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megabatch.data_pipeline.read.loader import LoaderConfig, ShardLoader
+from megabatch.data_pipeline.read.loader import ShardLoader
+from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.trainer import checkpoint
 from megabatch.trainer.config import RunConfig, dump_config, plain_dict
+from megabatch.trainer.data import load_tokenizer, loader_config
 from megabatch.trainer.engine import apply_optimizer_config, build_engine
 from megabatch.trainer.eval_run import evaluate
 from megabatch.trainer.launch import World
@@ -38,7 +40,7 @@ from megabatch.trainer.metrics import JsonLinesSink, print_progress, progress_li
 from megabatch.trainer.resume import ResumePlan, plan_resume
 from megabatch.trainer.step import gradcache_step
 from megabatch.trainer.stop_signals import StopSignals
-from megabatch.trainer.tasks import make_task
+from megabatch.trainer.tasks import TASKS, make_task
 
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: saved on a signal; requeue and resume=auto
 # Seconds a signalled rank still waits for its batch. Long enough for a batch that is
@@ -56,30 +58,26 @@ class SignalledWhileWaitingForData(Exception):
     came within DATA_WAIT_GRACE_S."""
 
 
-def training_loader_config(config: RunConfig, image) -> LoaderConfig:
-    """What the training loader reads, from the run's data, batch and model keys."""
-    return LoaderConfig(
-        shards=config.data.train, captions=config.task == "clip", seed=config.seed,
-        batch_size=config.batch.micro_batch_size, num_workers=config.data.num_workers,
-        shuffle_block=config.data.shuffle_block, resampled=config.data.resampled,
-        drop_last=True, image=image, max_member_bytes=config.data.max_member_bytes,
-    )  # fmt: skip
-
-
 class Trainer:
     def __init__(self, config: RunConfig, world: World, plan: ResumePlan | None = None,
-                 signals: StopSignals | None = None):  # fmt: skip
+                 signals: StopSignals | None = None,
+                 tokenizer: CaptionTokenizer | None = None):  # fmt: skip
+        """``plan`` and ``tokenizer`` as the checks before the run found them
+        (``preflight.check_run``); found here when not given (benchmarks, tests)."""
         self.config, self.world = config, world
         self.signals = signals if signals is not None else StopSignals()
         self.run_dir = Path(config.run_dir)
         self.plan = plan if plan is not None else plan_resume(config, world.world_size)
-        self.task = make_task(config, world.device, world.world_size)
+        captions = TASKS[config.task].captions
+        if tokenizer is None and captions:
+            tokenizer = load_tokenizer(config)
+        self.task = make_task(config, world.device, world.world_size, tokenizer)
         torch.manual_seed(config.seed)  # same initial weights on every rank
         model = self.task.build_model().to(world.device)
         self.engine, self.scheduler = build_engine(model, config)
-        self.loader = ShardLoader(training_loader_config(config, self.task.image),
+        self.loader = ShardLoader(loader_config(config, config.data.train, captions=captions),
                                   rank=world.rank, world_size=world.world_size,
-                                  tokenizer=self.task.tokenizer)  # fmt: skip
+                                  tokenizer=tokenizer)  # fmt: skip
         self.sink = JsonLinesSink(self.run_dir / "metrics.jsonl") if world.is_main else None
         self.step, self.samples_seen, self.nonfinite_in_a_row = 0, 0, 0
         self._waiting_for_data = False
@@ -153,9 +151,8 @@ class Trainer:
         return self._evaluate(final=True)
 
     def train_step(self, micro_batches):
-        scale_fn = self.task.scale if self.task.name == "clip" else None
         result = gradcache_step(self.engine, micro_batches, self.task.encode, self.task.loss,
-                                scale_fn, self.world.world_size, skip_nonfinite=True)  # fmt: skip
+                                self.task.scale, self.world.world_size, skip_nonfinite=True)  # fmt: skip
         if result.skipped:
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:

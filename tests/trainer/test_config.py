@@ -106,18 +106,3 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=3") == {"a": {"b": 3}}
     assert parse_override("a=null") == {"a": None}
     assert parse_override("a=x y") == {"a": "x y"}
-
-
-def test_data_keys_reach_the_workers_image_config():
-    from megabatch.trainer.tasks import _image_config
-
-    config = load_config(None, ["data.decoder=pil", "data.load_size=40", "model.image_size=32",
-                                "data.max_image_pixels=4096", "data.max_member_bytes=1000"])  # fmt: skip
-    image = _image_config(config)
-    assert (image.decoder, image.load_size, image.size) == ("pil", 40, 32)
-    assert image.max_pixels == 4096
-    assert _image_config(load_config(None)).decoder == "auto"
-
-    from megabatch.trainer.train import training_loader_config
-
-    assert training_loader_config(config, image).max_member_bytes == 1000

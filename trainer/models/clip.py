@@ -5,7 +5,7 @@ Built on the transformers classes so the towers can be handed over with
 ``save_pretrained`` and loaded downstream with ``from_pretrained`` and nothing of ours.
 The text feature is the end token's final activation (layer-normed, projected), as in
 the paper; our tokenizer's end token is not id 2, which transformers would read as a
-legacy config (see megabatch.data_pipeline.tokenizer).
+legacy config (see megabatch.data_pipeline.read.tokenizer).
 """
 
 from __future__ import annotations

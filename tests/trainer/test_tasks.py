@@ -1,0 +1,66 @@
+"""The methods behind the loop's one interface (trainer/tasks.py): which task has
+captions, the tokenizer handed in, the model checks before a run, and the loss over the
+features each task encodes."""
+
+import inspect
+
+import pytest
+import torch
+
+from megabatch.kernels import clip_loss, ntxent_loss
+from megabatch.trainer.config import load_config
+from megabatch.trainer.data import load_tokenizer
+from megabatch.trainer.tasks import TASKS, ClipTask, SimCLRTask, Task, make_task
+from tests.trainer.runs import overrides
+
+CPU = torch.device("cpu")
+
+
+def test_every_config_task_has_a_class_with_the_whole_interface():
+    import typing
+
+    from megabatch.trainer.config import RunConfig
+
+    task_names = typing.get_args(typing.get_type_hints(RunConfig)["task"])
+    assert set(TASKS) == set(task_names)
+    wanted = {name for name in dir(Task) if not name.startswith("_")} | set(Task.__annotations__)
+    for cls in TASKS.values():
+        missing = {name for name in wanted if not hasattr(cls, name)} - {"tokenizer"}
+        assert not missing, f"{cls.__name__} lacks {missing}"
+        assert isinstance(cls.captions, bool)
+        assert list(inspect.signature(cls.__init__).parameters)[1:] == [
+            "config", "device", "world_size", "tokenizer"]  # fmt: skip
+    assert TASKS["clip"].captions and not TASKS["simclr"].captions
+
+
+def test_clip_uses_the_tokenizer_it_is_handed(data, tmp_path):
+    config = load_config(None, overrides(data, tmp_path / "run"))
+    tokenizer = load_tokenizer(config)
+    task = make_task(config, CPU, 1, tokenizer)
+    assert isinstance(task, ClipTask) and task.tokenizer is tokenizer
+    model = task.build_model()
+    assert model.clip.config.text_config.vocab_size == tokenizer.vocab_size
+    with pytest.raises(ValueError, match="needs the caption tokenizer"):
+        make_task(config, CPU, 1, None)
+
+
+def test_model_checks_before_a_run_name_the_problem():
+    with pytest.raises(ValueError, match="nope"):
+        ClipTask.check_model(load_config(None, ["model.preset=nope"]), vocab_size=100)
+    with pytest.raises(ValueError, match="nope"):
+        SimCLRTask.check_model(load_config(None, ["task=simclr", "model.preset=nope"]), 1)
+    ClipTask.check_model(load_config(None, ["model.preset=tiny"]), vocab_size=100)
+
+
+def test_each_tasks_loss_is_the_fused_one_on_its_features(data, tmp_path):
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    clip_config = load_config(None, overrides(data, tmp_path / "run"))
+    clip = make_task(clip_config, CPU, 1, load_tokenizer(clip_config))
+    scale = torch.tensor(10.0)
+    assert torch.equal(clip.loss(a, b, scale), clip_loss(a, b, scale))
+    simclr_config = load_config(None, [*overrides(data, tmp_path / "run", task="simclr"),
+                                       "loss.temperature=0.2"])  # fmt: skip
+    simclr = make_task(simclr_config, CPU, 1, None)
+    assert simclr.scale is None and simclr.text_features is None and simclr.tokenizer is None
+    assert torch.equal(simclr.loss(a, b, None), ntxent_loss(a, b, 0.2))
