@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint check-coexistence format clean bench-kernels bench-data bench-train gpu-check gpu-test gpu-bench
+.PHONY: help install test demo lint check-coexistence format clean bench-kernels bench-data bench-train bench-metrics gpu-check gpu-test gpu-bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,6 +71,11 @@ bench-train: $(STAMP) ## One CLIP step at global batch 65,536 on 2 CPU ranks: ti
 	test -f data/digits/train/manifest.json || $(BIN)/megabatch data write --from demo --out data/digits
 	test -f data/digits/tokenizer.json || $(BIN)/megabatch data tokenizer data/digits/train --out data/digits/tokenizer.json --vocab-size 1000
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=2 -m megabatch.trainer.bench_train
+
+bench-metrics: $(STAMP) ## Prometheus metrics' cost per step: sink, scrape, demo runs off vs on -> docs/benchmarks-monitoring.md
+	test -f data/digits/train/manifest.json || $(BIN)/megabatch data write --from demo --out data/digits
+	test -f data/digits/tokenizer.json || $(BIN)/megabatch data tokenizer data/digits/train --out data/digits/tokenizer.json --vocab-size 1000
+	$(BIN)/python -m megabatch.trainer.bench_metrics
 
 # Device time is scarce: every step runs even when one before it failed, and the exit
 # status is the first failure's. The per-pass benchmark ends with the experimental TMA

@@ -11,6 +11,7 @@ from importlib import metadata
 from megabatch.data_pipeline.cli import add_data_commands
 from megabatch.trainer import __version__
 from megabatch.trainer.commands import add_train_commands
+from megabatch.trainer.status import add_status_command
 from megabatch.trainer.torchrun import add_launch_command, launch, record_exit_status
 
 # Distributions reported by `megabatch env`, by their installed (PyPI) names.
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=_cmd_env)
     add_data_commands(commands)
     add_train_commands(commands)
+    add_status_command(commands)
     add_launch_command(commands)
     return parser
 

@@ -71,9 +71,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         try:
             config = load_config(config_path, overrides)
             checked = check_run(config, _world_size_from_env())  # before any process group
+            server = None
+            if config.metrics.prometheus:  # bound now: a port in use is said before training
+                from megabatch.trainer.prometheus import MetricsServer, local_rank_from_env
+
+                server = MetricsServer.start(config.metrics, local_rank_from_env())
         except ConfigError as exc:
             return _fail("train", str(exc))
-        return _run("train", config, checked, signals)
+        return _run("train", config, checked, signals, server)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -89,7 +94,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return _run("eval", config, checked)
 
 
-def _run(command: str, config, checked: CheckedRun, signals: StopSignals | None = None) -> int:
+def _run(command: str, config, checked: CheckedRun, signals: StopSignals | None = None,
+         metrics_server=None) -> int:  # fmt: skip
     """Build the world and the trainer, run the command; errors are one line per rank
     (the rank named when there are several) and an exit status: 2 for bad input (data,
     a refused checkpoint), 1 for a failed run, 75 to requeue."""
@@ -105,9 +111,10 @@ def _run(command: str, config, checked: CheckedRun, signals: StopSignals | None 
         return 75
     world = init_world(config.train.collective_timeout_s)
     who = f"megabatch {command}: " + (f"rank {world.rank}: " if world.world_size > 1 else "")
-    status, reason = 1, ""
+    status, reason, trainer = 1, "", None
     try:
-        trainer = Trainer(config, world, checked.resume, signals, checked.tokenizer)
+        trainer = Trainer(config, world, checked.resume, signals, checked.tokenizer,
+                          metrics_server)  # fmt: skip
         if command == "eval":
             results = trainer.evaluate_checkpoint()
             if world.is_main:
@@ -134,6 +141,8 @@ def _run(command: str, config, checked: CheckedRun, signals: StopSignals | None 
         status, reason = (75 if verdict.requeue else 1), verdict.message
         print(f"{who}error: {verdict.message}", file=sys.stderr)
     finally:
+        if trainer is not None:
+            trainer.close(status)
         if world.peers is not None:
             world.peers.exited(status, reason)
     return status

@@ -143,6 +143,23 @@ class TrainConfig:
 
 
 @dataclass
+class MetricsConfig:
+    prometheus: bool = False
+    """Serve Prometheus metrics at /metrics on every rank (docs/monitoring.md)."""
+    port: int = 9431
+    """The first rank of a node serves on this port, local rank k on port + k."""
+    address: str = "127.0.0.1"
+    """Bind address: loopback by default; 0.0.0.0 (all interfaces) only when a Prometheus
+    on another machine must reach the ranks."""
+    linger_s: float = 0.0
+    """Keep serving this long after the run ends, so that a last scrape sees its final
+    values (short jobs, tests)."""
+    host: str | None = None
+    """How Prometheus reaches this node, in RUN/prometheus-targets.json (None: the bind
+    address, or the node's host name when bound to all interfaces)."""
+
+
+@dataclass
 class RunConfig:
     task: Literal["clip", "simclr"] = "clip"
     run_dir: str = "runs/default"
@@ -156,6 +173,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def global_batch_size(self, world_size: int) -> int:
         """The contrastive batch: every sample of it is a negative for every other."""
@@ -189,6 +207,9 @@ class RunConfig:
             ("loss.init_logit_scale", 0 < self.loss.init_logit_scale <= self.loss.max_logit_scale,
              "must be in (0, loss.max_logit_scale]"),
             ("train.max_steps", self.train.max_steps >= 1, "must be >= 1"),
+            ("metrics.port", 1 <= self.metrics.port <= 65535 - 255, "must be in [1, 65280]"),
+            ("metrics.address", bool(self.metrics.address.strip()), "must not be empty"),
+            ("metrics.linger_s", 0 <= self.metrics.linger_s <= 3600, "must be in [0, 3600]"),
             ("train.log_every", self.train.log_every >= 1, "must be >= 1"),
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps >= 1, "must be >= 1"),
             ("train.eval_every", _none_or(self.train.eval_every, lambda v: v >= 1), "must be >= 1"),

@@ -19,7 +19,9 @@ in a row stop the run, naming the newest checkpoint, which resume=auto starts fr
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -36,7 +38,14 @@ from megabatch.trainer.data import load_tokenizer, loader_config
 from megabatch.trainer.engine import apply_optimizer_config, build_engine
 from megabatch.trainer.eval_run import evaluate
 from megabatch.trainer.launch import World
-from megabatch.trainer.metrics import JsonLinesSink, print_progress, progress_line
+from megabatch.trainer.metrics import JsonLinesSink, MetricsSink, print_progress, progress_line
+from megabatch.trainer.prometheus import (
+    MetricsServer,
+    PrometheusSink,
+    target_host,
+    withdraw_targets,
+    write_targets,
+)
 from megabatch.trainer.resume import ResumePlan, plan_resume
 from megabatch.trainer.step import gradcache_step
 from megabatch.trainer.stop_signals import StopSignals
@@ -61,9 +70,12 @@ class SignalledWhileWaitingForData(Exception):
 class Trainer:
     def __init__(self, config: RunConfig, world: World, plan: ResumePlan | None = None,
                  signals: StopSignals | None = None,
-                 tokenizer: CaptionTokenizer | None = None):  # fmt: skip
+                 tokenizer: CaptionTokenizer | None = None,
+                 metrics_server: MetricsServer | None = None):  # fmt: skip
         """``plan`` and ``tokenizer`` as the checks before the run found them
-        (``preflight.check_run``); found here when not given (benchmarks, tests)."""
+        (``preflight.check_run``), ``metrics_server`` as the command started it before
+        the process group (``metrics.prometheus``); each made here when not given
+        (benchmarks, tests)."""
         self.config, self.world = config, world
         self.signals = signals if signals is not None else StopSignals()
         self.run_dir = Path(config.run_dir)
@@ -78,7 +90,8 @@ class Trainer:
         self.loader = ShardLoader(loader_config(config, config.data.train, captions=captions),
                                   rank=world.rank, world_size=world.world_size,
                                   tokenizer=tokenizer)  # fmt: skip
-        self.sink = JsonLinesSink(self.run_dir / "metrics.jsonl") if world.is_main else None
+        self.sinks = build_sinks(config, world, self.run_dir, metrics_server)
+        self.nonfinite_total = 0
         self.step, self.samples_seen, self.nonfinite_in_a_row = 0, 0, 0
         self._waiting_for_data = False
 
@@ -155,6 +168,7 @@ class Trainer:
                                 self.task.scale, self.world.world_size, skip_nonfinite=True)  # fmt: skip
         if result.skipped:
             self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
             if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
                 n, last = self.nonfinite_in_a_row, self.step + 1  # 1-based, as logged
                 first = last - n + 1
@@ -213,9 +227,14 @@ class Trainer:
             "skipped_samples": float(sum(self.loader.skipped_total.values())),
             "nonfinite_steps": float(self.nonfinite_in_a_row),
             "samples_seen": float(self.samples_seen),
+            # What the counters of the Prometheus sink add up (this process's totals).
+            "logged_steps": float(steps),
+            "data_wait_s": wait,
+            "nonfinite_steps_total": float(self.nonfinite_total),
+            **{f"skipped_samples/{k}": float(v) for k, v in self.loader.skipped_total.items()},
         }  # fmt: skip
-        if self.sink is not None:
-            self.sink.write(self.step, values)
+        self._publish(values)
+        if self.world.is_main:
             remaining = (self.config.train.max_steps - self.step) * values["step_time_s"]
             print_progress(progress_line(self.step, self.config.train.max_steps, values, remaining))
 
@@ -226,8 +245,30 @@ class Trainer:
         meta = {"step": self.step, "samples_seen": self.samples_seen, "loss": loss.item(),
                 "world_size": self.world.world_size, "config": plain_dict(self.config)}  # fmt: skip
         state = {"data": self.loader.state_dict(), "rng": checkpoint.rng_state()}
-        checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step, self.world.rank,
-                        self.world.device, meta, state, keep=self.config.train.keep_checkpoints)  # fmt: skip
+        started = time.monotonic()
+        try:
+            path = checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step,
+                                   self.world.rank, self.world.device, meta, state,
+                                   keep=self.config.train.keep_checkpoints)  # fmt: skip
+        except checkpoint.CheckpointWriteError:
+            self._publish({"checkpoint/failed": 1.0})
+            raise
+        if self.world.is_main:  # the checkpoint's global values, from rank 0 (as all are)
+            self._publish({"checkpoint/duration_s": time.monotonic() - started,
+                           "checkpoint/bytes": float(_folder_bytes(path)),
+                           "checkpoint/time": time.time()})  # fmt: skip
+
+    def _publish(self, values: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.write(self.step, values)
+
+    def close(self, status: int) -> None:
+        """After the command: sinks closed; a run that finished or stopped for requeue
+        leaves Prometheus's discovery (a crashed one stays, so that its targets alert)."""
+        for sink in self.sinks:
+            sink.close()
+        if status in (0, EXIT_REQUEUE) and self.world.is_main:
+            withdraw_targets(self.run_dir)
 
     def _resume(self) -> None:
         found = self.plan.checkpoint
@@ -254,8 +295,7 @@ class Trainer:
             else:
                 self.world.peers.wait_for(0, name)
         if self.world.is_main and results:
-            if self.sink is not None:
-                self.sink.write(self.step, {f"eval/{k}": v for k, v in results.items()})
+            self._publish({f"eval/{k}": v for k, v in results.items()})
             if final:
                 (self.run_dir / "results.json").write_text(
                     json.dumps({"step": self.step, **results}, indent=2) + "\n"
@@ -310,6 +350,31 @@ class Trainer:
             print_progress(line)
         elif every_rank:
             print_progress(f"rank {self.world.rank}: {line}")
+
+
+def build_sinks(config: RunConfig, world: World, run_dir: Path,
+                server: MetricsServer | None) -> list[MetricsSink]:  # fmt: skip
+    """RUN/metrics.jsonl from rank 0; with ``metrics.prometheus``, every rank's /metrics
+    and, from rank 0, RUN/prometheus-targets.json naming every rank (a collective)."""
+    sinks: list[MetricsSink] = []
+    if world.is_main:
+        sinks.append(JsonLinesSink(run_dir / "metrics.jsonl"))
+    if config.metrics.prometheus:
+        if server is None:
+            server = MetricsServer.start(config.metrics, world.local_rank)
+        sinks.append(PrometheusSink(server, config, world.rank, world.world_size))
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        entry = (target_host(config.metrics), server.port, world.rank, node)
+        entries = [entry] * world.world_size
+        if world.world_size > 1:
+            dist.all_gather_object(entries, entry)
+        if world.is_main:
+            write_targets(run_dir, run_dir.resolve().name, entries)
+    return sinks
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _describe_newest(found: list[checkpoint.Checkpoint]) -> str:
