@@ -210,10 +210,11 @@ class PrometheusSink:
         for key, total in values.items():
             if key.startswith("skipped_samples/"):
                 reason = key[len("skipped_samples/") :]
-                self.skipped.labels(self.rank, reason).inc(
-                    total - self._skipped_seen.get(reason, 0)
-                )
-                self._skipped_seen[reason] = total
+                # A counter only goes up: prometheus-client raises on a negative inc,
+                # and a sink must never stop a run.
+                seen = self._skipped_seen.get(reason, 0.0)
+                self.skipped.labels(self.rank, reason).inc(max(0.0, total - seen))
+                self._skipped_seen[reason] = max(total, seen)
         if self.cuda:
             import torch
 
@@ -224,13 +225,13 @@ class PrometheusSink:
             return
         self.step.set(step)
         self.samples.inc(max(0.0, values["samples_seen"] - self._samples_seen))
-        self._samples_seen = values["samples_seen"]
+        self._samples_seen = max(self._samples_seen, values["samples_seen"])
         self.loss.set(values["loss"] if math.isfinite(values["loss"]) else math.nan)
         self.lr.set(values["lr"])
         self.scale.set(values["logit_scale"])
         total = values.get("nonfinite_steps_total", 0.0)
         self.nonfinite.inc(max(0.0, total - self._nonfinite_seen))
-        self._nonfinite_seen = total
+        self._nonfinite_seen = max(self._nonfinite_seen, total)
 
     def close(self) -> None:
         self.server.close()

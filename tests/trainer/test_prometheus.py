@@ -165,6 +165,17 @@ def test_metrics_keys_are_checked(override, message):
         load_config(None, [override]).validate()
 
 
+def test_totals_that_go_back_never_raise_nor_lower_a_counter(sinks):
+    rank0, _ = sinks
+    rank0.write(2, _record(2, **{"skipped_samples/bad_shard": 4.0}))
+    rank0.write(4, _record(1, **{"skipped_samples/bad_shard": 1.0}))  # lower totals
+    rank0.write(6, _record(3, **{"skipped_samples/bad_shard": 6.0}))
+    text = _scrape(rank0.server.port)
+    # Counted from the highest total seen: 4, then 6 (not 4 + 5 after the dip).
+    assert _value(text, 'megabatch_skipped_samples_total{rank="0",reason="bad_shard"}') == 6
+    assert _value(text, "megabatch_samples_total") == 192
+
+
 def test_a_hung_scraper_holds_neither_the_loop_nor_other_scrapes(sinks):
     rank0, _ = sinks
     with socket.create_connection(("127.0.0.1", rank0.server.port)) as hung:
