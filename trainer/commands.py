@@ -26,7 +26,7 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         "start's config), metrics.jsonl, checkpoints/, results.json and plots/. Resumes "
         "from the newest complete checkpoint (train.resume=auto); a change to what a step "
         "means (model, batch arithmetic, task, data order) is refused. Exit status: 0 done, "
-        "2 bad config or input, 1 failed, 75 saved after SIGTERM/SIGUSR1 (requeue the job "
+        "2 bad config or input, 1 failed, 75 saved after SIGTERM/SIGUSR1/SIGUSR2 (requeue the job "
         "unchanged and it resumes).",
     )
     train.add_argument("config", nargs="?", help="YAML config (optional with preset=...)")

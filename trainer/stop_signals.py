@@ -1,4 +1,5 @@
-"""SIGTERM and SIGUSR1 (Slurm's warning before preemption): remembered from the moment a
+"""SIGTERM, SIGUSR1 and SIGUSR2 (Slurm's warning before a time limit or preemption, as
+``--signal=USR2@N`` sends it: USR2 because NCCL may take USR1): remembered from the moment a
 command starts, so that one arriving while the run is still starting up is not lost
 (the default action would kill the rank before it could say anything), and acted on by
 the training loop: save at the end of the step, exit 75."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopSignals:

@@ -2,10 +2,10 @@
 
 The trainer exits 75 (EX_TEMPFAIL) after a signal-triggered save so that the job is
 requeued, but torchrun reports any rank's non-zero exit as its own status 1, dies of
-SIGUSR1 (Slurm's warning before preemption, which it does not handle by default) and
+SIGUSR1 and SIGUSR2 (Slurm's warnings before preemption, which it does not handle by default) and
 SIGKILLs the ranks 30 s after forwarding a SIGTERM. This launcher runs
 
-    python -m torch.distributed.run [--standalone] --signals-to-handle=...,SIGUSR1
+    python -m torch.distributed.run [--standalone] --signals-to-handle=...,SIGUSR1,SIGUSR2
         --shutdown-timeout=300 TORCHRUN-OPTIONS -m megabatch.trainer.cli COMMAND ARGS
 
 (each added option only where the user gave none), forwards the signals it gets to
@@ -33,10 +33,10 @@ from pathlib import Path
 EXIT_DIR_ENV = "MEGABATCH_EXIT_DIR"
 COMMANDS = ("train", "eval")  # the megabatch commands that run on every rank
 # What reaches the launcher and is passed on: Kubernetes' and scancel's SIGTERM, Ctrl-C,
-# Slurm's --signal=USR1@N warning, a closed terminal.
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
-# torchrun's default list plus SIGUSR1: signals torchrun does not handle kill it.
-SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# Slurm's --signal=USR2@N (or USR1@N) warning, a closed terminal.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+# torchrun's default list plus SIGUSR1 and SIGUSR2: signals torchrun does not handle kill it.
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 # Seconds torchrun waits for the ranks after forwarding a signal, then SIGKILLs them:
 # enough for the step in progress and a checkpoint save (torchrun's own default is 30).
 DEFAULT_SHUTDOWN_TIMEOUT_S = 300
@@ -58,15 +58,16 @@ Example: megabatch launch --nproc-per-node=8 train run.yaml optim.lr=3e-4
 Added to TORCHRUN OPTIONS unless given there (or as torchrun's PET_* variables):
   --standalone            when no --nnodes, --rdzv-*, --master-* or --node-rank is given
   --signals-to-handle={SIGNALS_TO_HANDLE}
-                          torchrun's default plus SIGUSR1 (Slurm's warning); a list of
-                          your own must include SIGTERM, SIGINT, SIGHUP and SIGUSR1
+                          torchrun's default plus SIGUSR1 and SIGUSR2 (Slurm's warnings);
+                          a list of your own must include SIGTERM, SIGINT, SIGHUP,
+                          SIGUSR1 and SIGUSR2
   --shutdown-timeout={DEFAULT_SHUTDOWN_TIMEOUT_S}  seconds torchrun gives the ranks to end the
                           step and save before SIGKILL; keep it below the scheduler's grace
                           period (Slurm KillWait, Kubernetes terminationGracePeriodSeconds)
 
-Signals: SIGTERM, SIGINT, SIGUSR1 and SIGHUP sent to this process (or to every process
+Signals: SIGTERM, SIGINT, SIGUSR1, SIGUSR2 and SIGHUP sent to this process (or to every process
 of the job, as scancel does) are forwarded to torchrun and by it to the ranks; after
-SIGTERM or SIGUSR1 they save at the end of the step and exit 75. The launcher exits only
+SIGTERM, SIGUSR1 or SIGUSR2 they save at the end of the step and exit 75. The launcher exits only
 after torchrun, and after any rank that outlives torchrun.
 
 Exit status: each rank records its own; if the ranks that recorded one agree, that one

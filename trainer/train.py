@@ -4,7 +4,7 @@ Reads top to bottom: resume if asked (trainer.resume decided which checkpoint, b
 process group), then per step take A micro-batches from the loader, run the GradCache
 step, and on the schedule log, checkpoint and evaluate.
 
-Signals: SIGTERM or SIGUSR1 (Slurm's warning before preemption) makes every rank save at
+Signals: SIGTERM, SIGUSR1 or SIGUSR2 (Slurm's warning before preemption) makes every rank save at
 the end of the current step and exit with EXIT_REQUEUE (the DataLoader workers ignore
 them: the rank decides). A signal that arrives while the rank waits for its data gives
 the batch DATA_WAIT_GRACE_S to arrive; if it does not, the rank exits EXIT_REQUEUE

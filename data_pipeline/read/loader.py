@@ -23,7 +23,7 @@ this rank no batch at all is a ``DataError`` saying why, not a silent empty loop
 resampled mode a worker that draws many shards in a row without one usable sample
 raises it instead (``_DryStreak``).
 
-Signals: the workers ignore SIGTERM and SIGUSR1 (``_leave_signals_to_the_rank``). A
+Signals: the workers ignore SIGTERM, SIGUSR1 and SIGUSR2 (``_leave_signals_to_the_rank``). A
 scheduler that stops a job signals the whole process tree, and torch's own worker
 handler would have the workers die first, taking the rank down with "DataLoader worker
 killed by signal" before it could save. The workers still end with the loader's own
@@ -107,7 +107,7 @@ SKIP_KINDS = (
 DRY_DRAWS_MIN = 100
 # What schedulers send the whole process tree to stop a job: the workers leave them to
 # the rank (see the module's docstring).
-RANK_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RANK_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # Batch buffers each worker keeps for reuse (read.batch_buffers) beyond its
 # prefetched batches: the batch the consumer holds, the one it held before, the
 # pin-memory thread's, and the one being filled.
@@ -422,14 +422,14 @@ def _skip_counts(counts) -> str:
 
 
 def _leave_signals_to_the_rank(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: ignore SIGTERM and SIGUSR1, which schedulers send
+    """DataLoader ``worker_init_fn``: ignore SIGTERM, SIGUSR1 and SIGUSR2, which schedulers send
     to the whole process tree, so that the rank alone decides what to do (save, stop).
     It replaces torch's worker SIGTERM handler, which dies unless the parent sent the
     signal (and then exits), and the rank's own handlers, inherited through fork; SIGINT
     and torch's other handlers are left as they are. A handler that does nothing rather
     than SIG_IGN: an ignored signal stays ignored in the ``pipe:`` commands the worker
     starts (a shell cannot undo that), a handler is reset to the default by exec. The
-    worker was started with both signals blocked (``_start_workers``): one sent before
+    worker was started with these signals blocked (``_start_workers``): one sent before
     this point was held, and reaches the no-op handler now."""
     for signum in RANK_SIGNALS:
         signal.signal(signum, _leave_to_the_rank)
@@ -456,11 +456,11 @@ def _die_with_the_rank() -> None:
 
 
 def _leave_to_the_rank(signum, frame) -> None:
-    """A worker's SIGTERM and SIGUSR1 handler: the rank got the signal too, and decides."""
+    """A worker's SIGTERM, SIGUSR1 and SIGUSR2 handler: the rank got the signal too, and decides."""
 
 
 def _start_workers(loader: DataLoader):
-    """``iter(loader)``, its worker processes started with SIGTERM and SIGUSR1 blocked
+    """``iter(loader)``, its worker processes started with RANK_SIGNALS blocked
     (a child inherits the signal mask): between its start and its worker_init_fn, torch's
     worker handler would act on a SIGTERM. This process's own mask is restored after, and
     a signal that came meanwhile is delivered then. The iterator is kept (weakly) for

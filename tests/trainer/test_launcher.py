@@ -1,7 +1,7 @@
 """``megabatch launch`` (trainer/torchrun.py): torchrun as a child process whose exit status
 is the ranks' own. Whole 2-rank CPU runs through the launcher (test_training_runs.py's
 two-rank runs are the normal ones, exit 0): a SIGTERM to the launcher only (Kubernetes),
-to every process of the tree (scancel), or a SIGUSR1 (Slurm's warning) saves and exits
+to every process of the tree (scancel), or a SIGUSR1 or SIGUSR2 (Slurm's warnings) saves and exits
 75; ranks that outlive a killed torchrun are waited for; a bad config exits 2 with the
 ranks' one-line error. Then the exit-status files every rank writes, the torchrun command
 line the launcher builds, and bad usage."""
@@ -160,6 +160,7 @@ def _signal_every_process(p: psutil.Process, launched: Launched, sig: signal.Sig
         pytest.param(_signal_launcher, signal.SIGTERM, id="sigterm-to-launcher"),  # Kubernetes
         pytest.param(_signal_every_process, signal.SIGTERM, id="sigterm-to-all"),  # scancel
         pytest.param(_signal_launcher, signal.SIGUSR1, id="sigusr1-to-launcher"),  # --signal=USR1
+        pytest.param(_signal_launcher, signal.SIGUSR2, id="sigusr2-to-launcher"),  # --signal=USR2
     ],
 )
 @pytest.mark.timeout(300)
@@ -280,7 +281,7 @@ def test_launcher_adds_standalone_signals_and_shutdown_timeout():
         "-m", "megabatch.trainer.cli", "train", "run.yaml", "optim.lr=3e-4",
     ]  # fmt: skip
     assert plan.local_world_size == 2
-    assert "SIGUSR1" in SIGNALS_TO_HANDLE.split(",")
+    assert {"SIGUSR1", "SIGUSR2"} <= set(SIGNALS_TO_HANDLE.split(","))
 
 
 def test_the_users_own_torchrun_options_win(monkeypatch):
@@ -298,7 +299,7 @@ def test_the_users_own_torchrun_options_win(monkeypatch):
     # ... also when given as torchrun's environment variables.
     monkeypatch.setenv("PET_NNODES", "2")
     monkeypatch.setenv("PET_SHUTDOWN_TIMEOUT", "60")
-    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGUSR1")
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGUSR1,SIGUSR2")
     assert plan_launch(["train"]).torchrun_args == ["-m", "megabatch.trainer.cli", "train"]
     monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT")
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "60")
@@ -317,7 +318,7 @@ def test_the_users_own_torchrun_options_win(monkeypatch):
         (["-m", "train"], "--module: the launcher runs -m megabatch.trainer.cli COMMAND itself"),
         (["--max-restarts=two", "train"], "invalid int value: 'two'"),
         (["--nproc-per-node=many", "train"], "--nproc-per-node=many"),
-        (["--signals-to-handle=SIGTERM,SIGINT", "train"], "must include SIGUSR1,SIGHUP"),
+        (["--signals-to-handle=SIGTERM,SIGINT", "train"], "must include SIGUSR1,SIGUSR2,SIGHUP"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(capsys, argv, message):
@@ -333,7 +334,7 @@ def test_launch_help_explains_exit_statuses_and_added_options(capsys):
     assert main(["launch", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: megabatch launch [TORCHRUN OPTIONS] COMMAND [ARGS]")
-    for needle in ("--standalone", "--signals-to-handle=", "SIGUSR1", "--shutdown-timeout=300",
+    for needle in ("--standalone", "--signals-to-handle=", "SIGUSR2", "--shutdown-timeout=300",
                    "KillWait", "terminationGracePeriodSeconds", "75", "torchrun's"):  # fmt: skip
         assert needle in out, needle
     with pytest.raises(SystemExit):

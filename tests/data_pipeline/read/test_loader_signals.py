@@ -1,4 +1,4 @@
-"""The loader's DataLoader workers leave SIGTERM and SIGUSR1 to their rank (schedulers
+"""The loader's DataLoader workers leave SIGTERM, SIGUSR1 and SIGUSR2 to their rank (schedulers
 signal the whole process tree), yet still end with the loader's shutdown and with the
 rank. Each test runs a rank as a process of its own, in a session of its own so that
 signalling its process group reaches nothing else, and kills whatever is left."""
@@ -32,13 +32,13 @@ _SIGNALLED_EPOCHS = (
 import threading
 
 received = set()  # what the trainer's handlers do: note the signal, carry on
-for signum in (signal.SIGTERM, signal.SIGUSR1):
+for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
     signal.signal(signum, lambda s, frame: received.add(signal.Signals(s).name))
 stop = threading.Event()
 
 def signal_the_tree():  # this rank and its workers, as a scheduler does, every 2 ms
     while not stop.wait(0.002):
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             os.killpg(0, signum)
 
 threading.Thread(target=signal_the_tree).start()
@@ -137,7 +137,7 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def test_workers_ignore_sigterm_and_sigusr1_and_the_epoch_completes(shards):
+def test_workers_ignore_sigterm_sigusr1_sigusr2_and_the_epoch_completes(shards):
     proc = _start(_SIGNALLED_EPOCHS, shards)
     try:
         out, err = proc.communicate(timeout=90)
@@ -145,7 +145,7 @@ def test_workers_ignore_sigterm_and_sigusr1_and_the_epoch_completes(shards):
         _kill_session(proc)
     assert proc.returncode == 0, err
     result = json.loads(out)
-    assert result["received"] == ["SIGTERM", "SIGUSR1"]  # the rank got them
+    assert result["received"] == ["SIGTERM", "SIGUSR1", "SIGUSR2"]  # the rank got them
     assert result["epochs"] == [[120, 120]] * 3  # every batch of every epoch
     assert result["left"] == []  # each epoch's workers gone at its end
     # Dropped after one batch, the workers end on the loader's own shutdown path: exit
@@ -181,7 +181,7 @@ def test_a_worker_stuck_past_the_shutdown_is_killed_not_left(shards):
     try:
         out, err = proc.communicate(timeout=90)
         # What is left of the session: the workers' commands (sh, sleep), which must not
-        # have inherited the workers' indifference to SIGTERM and SIGUSR1.
+        # have inherited the workers' indifference to SIGTERM, SIGUSR1 and SIGUSR2.
         commands = _session_processes(proc.pid)
         ignored = {pid: _ignored_signals(pid) for pid in commands}
     finally:
@@ -190,7 +190,9 @@ def test_a_worker_stuck_past_the_shutdown_is_killed_not_left(shards):
     result = json.loads(out)
     assert result == {"workers": 2, "exitcodes": [-signal.SIGKILL] * 2, "left": 0}
     assert len(commands) >= 2
-    assert not {pid: s for pid, s in ignored.items() if s & {signal.SIGTERM, signal.SIGUSR1}}
+    assert not {
+        pid: s for pid, s in ignored.items() if s & {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+    }
 
 
 def _session_processes(session: int) -> list[int]:
