@@ -57,3 +57,15 @@ def test_unknown_subcommand_fails(capsys):
 def test_console_script_unknown_subcommand_fails():
     proc = subprocess.run([str(SCRIPT), "no-such-command"], capture_output=True, text=True)
     assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR2"])
+def test_a_stop_signal_after_the_command_is_done_does_not_kill_the_process(sig):
+    # A scheduler's warning that lands in the interpreter's teardown (here: an exit hook
+    # sends it) once the command has put its handlers back; a finished run exits 0.
+    code = ("import atexit, os, signal, sys; "
+            f"atexit.register(lambda: os.kill(os.getpid(), signal.{sig})); "
+            "sys.argv = ['megabatch', 'env']; "
+            "from megabatch.trainer.cli import run; run()")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("trainer", "kernels", "data_pipeline")  # installed as megabatch.<folder>
+FOLDERS = ("trainer", "kernels", "data_pipeline", "deploy")  # installed as megabatch.<folder>
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +47,17 @@ def test_megabatch_is_the_only_top_level_import_name(wheel):
 
 
 @pytest.mark.slow
-def test_every_module_and_preset_is_in_the_wheel(wheel):
+def test_every_module_preset_and_job_template_is_in_the_wheel(wheel):
     # pyproject.toml lists the packages one by one; a subpackage left off that list would
     # be missing from installs while the editable checkout still imports it.
     ours = {
         f"megabatch/{path.relative_to(ROOT).as_posix()}"
         for folder in FOLDERS
         for path in (ROOT / folder).rglob("*")
-        if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts
+        if path.suffix in (".py", ".yaml", ".sbatch") and "__pycache__" not in path.parts
     }
     assert ours, "no modules found"
-    packed = {name for name in _names(wheel) if name.endswith((".py", ".yaml"))}
+    packed = {name for name in _names(wheel) if name.endswith((".py", ".yaml", ".sbatch"))}
     assert not sorted(ours - packed), f"left out of the wheel: {sorted(ours - packed)}"
     assert not sorted(packed - ours), f"in the wheel, not in the tree: {sorted(packed - ours)}"
 
@@ -65,4 +65,4 @@ def test_every_module_and_preset_is_in_the_wheel(wheel):
 @pytest.mark.slow
 def test_the_console_script_points_into_the_namespace(wheel):
     (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
-    assert "megabatch = megabatch.trainer.cli:main" in wheel.read(entry_points).decode()
+    assert "megabatch = megabatch.trainer.cli:run" in wheel.read(entry_points).decode()

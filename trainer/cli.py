@@ -12,6 +12,8 @@ from megabatch.data_pipeline.cli import add_data_commands
 from megabatch.trainer import __version__
 from megabatch.trainer.commands import add_train_commands
 from megabatch.trainer.status import add_status_command
+from megabatch.trainer.stop_signals import STOP_SIGNALS
+from megabatch.trainer.submit import add_submit_command
 from megabatch.trainer.torchrun import add_launch_command, launch, record_exit_status
 
 # Distributions reported by `megabatch env`, by their installed (PyPI) names.
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(commands)
     add_status_command(commands)
     add_launch_command(commands)
+    add_submit_command(commands)
     return parser
 
 
@@ -138,5 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_exit_status(status)
 
 
+def run() -> None:
+    """The process entry point (the ``megabatch`` command, ``python -m
+    megabatch.trainer.cli``): ``main``, then exit with its status. A stop signal that comes
+    once the command is done (a scheduler's warning during the interpreter's teardown,
+    after the handlers were put back) is ignored: there is nothing left to save, and dying
+    of it would turn a finished run's 0 into the signal's status."""
+    status = main()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
