@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.multiproc,
 ]
-STEPS = 40  # ~10 s of steps here: the warning lands mid-run
+STEPS = 60  # 12 s or more of steps here: the warning (after step 2) lands mid-run
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,10 @@ def _until(check, timeout_s: float, what: str, cluster: SlurmCluster, *runs: Pat
 def test_a_warned_job_requeues_resumes_and_ends_as_an_uninterrupted_one(cluster, data,
                                                                           tmp_path):  # fmt: skip
     warned, whole = tmp_path / "warned", tmp_path / "whole"
-    job = _submit(cluster, data, warned)
+    # The reference first: a submission takes seconds (it checks the config), in which
+    # the warned job, submitted last, would already be training unwatched.
     reference = _submit(cluster, data, whole)  # shares the node's CPUs (OverSubscribe)
+    job = _submit(cluster, data, warned)
 
     _until(lambda: _logged_steps(warned) >= 2, 180, "2 steps of the warned job", cluster, warned)
     cluster.command("scancel", "--signal=USR2", job)  # the tasks, not the batch shell
