@@ -116,6 +116,8 @@ def time_limit_seconds(text: str) -> int:
 def render(options: SlurmOptions, config_path: Path, run_dir: Path, workdir: Path) -> str:
     """The batch script for ``megabatch train CONFIG_PATH`` in ``run_dir``."""
     lines = [f"--chdir={workdir}"]  # the config's relative paths mean what they meant here
+    if options.time_limit is not None:  # else the partition's default limit
+        lines.append(f"--time={options.time_limit}")
     if options.gpus_per_node > 0:
         lines.append(f"--gpus-per-node={options.gpus_per_node}")
     for flag, value in (("--partition", options.partition), ("--account", options.account),
@@ -131,8 +133,6 @@ def render(options: SlurmOptions, config_path: Path, run_dir: Path, workdir: Pat
         "nodes": str(options.nodes),
         "tasks_per_node": str(options.ranks_per_node),
         "cpus_per_task": str(options.cpus_per_task),
-        # Without --time the partition's default limit applies.
-        "time_limit": options.time_limit or "",
         "log": str(run_dir / LOG_NAME),
         "warning_s": str(options.warning_s),
         "sbatch_options": "\n".join(f"#SBATCH {line}" for line in lines),
@@ -141,10 +141,7 @@ def render(options: SlurmOptions, config_path: Path, run_dir: Path, workdir: Pat
         "config": shlex.quote(str(config_path)),
         "max_requeues": str(options.max_requeues),
     }
-    script = fill(template_text(), fields)
-    if options.time_limit is None:
-        script = script.replace("#SBATCH --time=\n", "")
-    return script
+    return fill(template_text(), fields)
 
 
 def template_text() -> str:

@@ -73,9 +73,9 @@ def add_submit_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_submit_slurm(args: argparse.Namespace) -> int:
-    from megabatch.trainer.slurm import LOG_NAME, SlurmOptions, SubmitError, render, sbatch
+    from megabatch.trainer import slurm
 
-    options = SlurmOptions(
+    options = slurm.SlurmOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task, time_limit=args.time_limit, partition=args.partition,
         account=args.account, qos=args.qos, constraint=args.constraint,
@@ -90,20 +90,20 @@ def _cmd_submit_slurm(args: argparse.Namespace) -> int:
     run_dir = Path(config.run_dir)
     folder = run_dir / SUBMIT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    config_path, script = folder / "config.yaml", folder / "megabatch.sbatch"
-    text = render(options, config_path, run_dir, Path.cwd())
+    config_path, script = folder / "config.yaml", folder / slurm.SCRIPT_NAME
+    text = slurm.render(options, config_path, run_dir, Path.cwd())
     dump_config(config, config_path, extra={"submitted": _now(), "world_size": options.world_size})
     _write_atomically(script, text)
     if args.dry_run:
         print(f"wrote {script} and {config_path}; submit with:\n  sbatch --parsable {script}")
         return 0
     try:
-        job = sbatch(script)
-    except SubmitError as exc:
+        job = slurm.sbatch(script)
+    except slurm.SubmitError as exc:
         return _fail(str(exc), 1)
     with (folder / "jobs.txt").open("a") as jobs:
         jobs.write(f"{job} slurm {_now()}\n")
-    log = run_dir / LOG_NAME.replace("%j", job)
+    log = run_dir / slurm.LOG_NAME.replace("%j", job)
     print(f"submitted Slurm job {job}: {options.nodes} node(s) x {options.ranks_per_node} rank(s)\n"
           f"  run directory  {run_dir}\n"
           f"  job script     {script}\n"
