@@ -29,8 +29,7 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         "2 bad config or input, 1 failed, 75 saved after SIGTERM/SIGUSR1/SIGUSR2 (requeue the job "
         "unchanged and it resumes).",
     )
-    train.add_argument("config", nargs="?", help="YAML config (optional with preset=...)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_config_arguments(train)
     train.set_defaults(func=_cmd_train)
 
     ev = commands.add_parser(
@@ -54,6 +53,20 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG [KEY=VALUE ...]``, as train and submit take them (see ``config_argument``)."""
+    parser.add_argument("config", nargs="?", help="YAML config (optional with preset=...)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+
+def config_argument(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(config path or None, overrides): with no config file, argparse puts the first
+    override where the path goes."""
+    if args.config is not None and "=" in args.config:
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
 def _fail(command: str, message: str) -> int:
     print(f"megabatch {command}: error: {message}", file=sys.stderr)
     return 2
@@ -64,9 +77,7 @@ def _world_size_from_env() -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path is not None and "=" in config_path:  # only overrides were given
-        config_path, overrides = None, [config_path, *overrides]
+    config_path, overrides = config_argument(args)
     with StopSignals() as signals:  # from now on a stop signal is not lost
         try:
             config = load_config(config_path, overrides)

@@ -17,6 +17,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from megabatch.trainer.commands import add_config_arguments, config_argument
 from megabatch.trainer.config import ConfigError, dump_config, load_config
 
 SUBMIT_DIR = "submit"
@@ -40,8 +41,7 @@ def add_submit_command(commands: argparse._SubParsersAction) -> None:
         "checkpoint. A preemption's SIGTERM does the same. Exit status: 0 submitted (or "
         "written, with --dry-run), 2 bad config or options, 1 sbatch missing or refusing.",
     )
-    slurm.add_argument("config", nargs="?", help="YAML config (optional with preset=...)")
-    slurm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_config_arguments(slurm)
     shape = slurm.add_argument_group("the job's shape")
     shape.add_argument("--nodes", type=int, default=1)
     shape.add_argument("--gpus-per-node", type=int, default=0,
@@ -84,7 +84,7 @@ def _cmd_submit_slurm(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         options.check()
-        config = _checked_config(args.config, args.overrides, options.world_size)
+        config = _checked_config(*config_argument(args), options.world_size)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     run_dir = Path(config.run_dir)
@@ -119,8 +119,6 @@ def _checked_config(path: str | None, overrides: list[str], world_size: int):
     (the job may start anywhere)."""
     from megabatch.trainer.preflight import check_run
 
-    if path is not None and "=" in path:  # only overrides were given
-        path, overrides = None, [path, *overrides]
     config = load_config(path, overrides)
     config.run_dir = os.path.abspath(config.run_dir)
     check_run(config, world_size)
