@@ -139,12 +139,44 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        self.command("scancel", "--full", "--user=root", check=False)  # jobs left by a failure
+        """Cancel what is left (a failed test's jobs) and wait for it to go, then stop
+        the daemons. A controller shut down under a job still ending leaves its step
+        daemon retrying forever, and slurmd waiting for it: whatever is left of this
+        cluster after that (found by its open files and folders) is killed."""
+        self.command("scancel", "--full", "--user=root", check=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not self.command("squeue", "-h", check=False).stdout.strip():
+                break
+            time.sleep(0.5)
         self.command("scontrol", "shutdown", check=False)
         subprocess.run([_which("munged"), "--stop", f"--socket={self.munge_socket}"],
                        capture_output=True, timeout=30, check=False)  # fmt: skip
-        for pid_file in ("slurmctld.pid", "slurmd.pid"):
-            _wait_gone(self.folder / pid_file)
+        deadline = time.monotonic() + 30
+        while self._processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in self._processes():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def _processes(self) -> list[int]:
+        """This cluster's live processes: those with a file or working folder in it."""
+        mine, root = [], str(self.folder)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+                links = [os.readlink(entry / "cwd")]
+                links += [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            except OSError:  # gone, or not ours to read
+                continue
+            if any(link.startswith(root) for link in links):
+                mine.append(int(entry.name))
+        return mine
 
     def _run(self, argv: list[str]) -> None:
         done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60,
@@ -152,22 +184,3 @@ class SlurmCluster:
         if done.returncode != 0:
             raise RuntimeError(f"{argv[0]} did not start ({done.returncode}): "
                                f"{done.stderr.strip()}\n{self.logs()}")  # fmt: skip
-
-
-def _wait_gone(pid_file: Path, timeout_s: float = 30) -> None:
-    """Until the daemon named in ``pid_file`` has exited (SIGKILL after ``timeout_s``)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
