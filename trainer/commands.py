@@ -120,7 +120,10 @@ def _run(command: str, config, checked: CheckedRun, signals: StopSignals | None 
         print(f"megabatch {command}: {signals.received} while starting; exiting for requeue",
               file=sys.stderr)  # fmt: skip
         return 75
-    world = init_world(config.train.collective_timeout_s)
+    try:
+        world = init_world(config.train.collective_timeout_s)
+    except ConfigError as exc:  # the network set-up (launch.check_gloo_address)
+        return _fail(command, str(exc))
     who = f"megabatch {command}: " + (f"rank {world.rank}: " if world.world_size > 1 else "")
     status, reason, trainer = 1, "", None
     try:

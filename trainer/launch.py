@@ -4,7 +4,8 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under s
 (SLURM_PROCID set, RANK not) those are derived: RANK = SLURM_PROCID, LOCAL_RANK =
 SLURM_LOCALID, WORLD_SIZE = SLURM_NTASKS, MASTER_ADDR = the first host of
 SLURM_JOB_NODELIST (scontrol's expansion, when available), MASTER_PORT from the job id.
-A plain process is rank 0 of 1. CPU runs use gloo, GPU runs NCCL.
+A plain process is rank 0 of 1. CPU runs use gloo, GPU runs NCCL. A gloo run across
+nodes needs an address the other nodes can reach (``check_gloo_address``).
 
 Collectives wait ``collective_timeout_s`` for each other: beyond that a rank's
 ``PeerWatch`` (megabatch.trainer.peers) names the peer that stopped answering and ends the run; the
@@ -13,15 +14,18 @@ process group's own timeout, a minute longer, is the backstop.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
+from megabatch.trainer.config import ConfigError
 from megabatch.trainer.engine import import_deepspeed
 from megabatch.trainer.peers import PeerWatch
 
@@ -75,6 +79,30 @@ def slurm_to_torch_env(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+def check_gloo_address(env: dict[str, str]) -> None:
+    """Raise ConfigError when a gloo run spans nodes and gloo would listen on loopback.
+
+    Without GLOO_SOCKET_IFNAME, gloo binds to the address this host's name resolves to.
+    Where that is a loopback address (Debian's /etc/hosts maps the name to 127.0.1.1;
+    network namespaces share one /etc/hosts), the other nodes cannot connect and the
+    process group fails only after its connect retries, with "Connection refused" from
+    127.0.0.1: said here, before, with the fix."""
+    nodes = int(env.get("GROUP_WORLD_SIZE") or env.get("SLURM_NNODES") or 1)  # torchrun, srun
+    if nodes < 2 or env.get("GLOO_SOCKET_IFNAME"):
+        return
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return  # gloo fails on its own, naming the host
+    if ipaddress.ip_address(address).is_loopback:
+        raise ConfigError(
+            f"this gloo run spans {nodes} nodes, but this host's name {name!r} resolves to "
+            f"{address}, which the other nodes cannot reach: set GLOO_SOCKET_IFNAME to the "
+            "network interface that joins the nodes (e.g. eth0)"
+        )
+
+
 def init_world(collective_timeout_s: float = 600.0) -> World:
     """Initialise the default process group (every run, one rank included: DeepSpeed
     needs one), pick this rank's device and, with several ranks, start the peer watch."""
@@ -90,6 +118,7 @@ def init_world(collective_timeout_s: float = 600.0) -> World:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        check_gloo_address(dict(os.environ))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

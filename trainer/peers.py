@@ -20,6 +20,11 @@ status and sets one shared key; every watch checks that key at each beat, and a 
 whose main thread has not moved for two beats then leaves too, with the same line (on
 NCCL a collective with a departed peer would otherwise wait out the timeout).
 
+Every store call is bounded (``BoundedStore``): a store whose host stopped without
+closing its connections (cut off the network, powered off, SIGSTOPped) never answers,
+and TCPStore's own timeout does not end such a call, so the watch would wait with its
+rank.
+
 The process group's own timeout is set longer than ``collective_timeout_s`` (see
 ``megabatch.trainer.launch``), so this watch speaks first; when a collective fails before that (a
 peer's connection closed), ``describe_failure`` reads the heartbeats the same way.
@@ -32,6 +37,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import socket
 import sys
 import threading
 import time
@@ -51,6 +58,7 @@ LEFT_KEY = _PREFIX + "a-rank-left"
 # Phases in which the main thread waits on something other than a collective: its own
 # data, or (``wait_for``) a named peer it keeps checking on.
 OWN_WAITS = ("data", "eval-wait")
+_HOST = socket.gethostname()
 
 
 class PeerLostError(RuntimeError):
@@ -70,6 +78,7 @@ class Heartbeat:
     since: float
     exit_status: int | None = None
     reason: str = ""
+    host: str = ""  # the machine's name (a pod's, on Kubernetes): which one to look at
 
     def describe(self, now: float) -> str:
         if self.exit_status is not None:
@@ -94,6 +103,58 @@ class Verdict:
         return bool(self.gone) and all(h.exit_status == 75 for h in self.gone)
 
 
+class StoreSilentError(RuntimeError):
+    """A store call did not return within its deadline."""
+
+
+class BoundedStore:
+    """A TCPStore client whose calls return within ``deadline_s`` or raise
+    StoreSilentError. The calls run one at a time on a thread of its own (so the watch
+    and the main thread may share it); while a call that overran is still stuck there,
+    every later one fails at once: the store has not answered yet."""
+
+    def __init__(self, client, deadline_s: float):
+        self._client, self.deadline_s = client, deadline_s
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy_since: float | None = None
+        threading.Thread(target=self._serve, name="megabatch-peer-store", daemon=True).start()
+
+    def set(self, key: str, value: str) -> None:
+        self._call("set", self._client.set, (key, value))
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call("check", self._client.check, (keys,))
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return self._call("multi_get", self._client.multi_get, (keys,))
+
+    def _call(self, name: str, method, args):
+        busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self.deadline_s:
+            raise StoreSilentError(f"store {name}: an earlier call has not returned for "
+                                   f"{time.monotonic() - busy_since:.0f} s")  # fmt: skip
+        outcome: list = []
+        done = threading.Event()
+        self._calls.put((method, args, outcome, done))
+        if not done.wait(self.deadline_s):
+            raise StoreSilentError(f"store {name}: no answer in {self.deadline_s:g} s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def _serve(self) -> None:
+        while True:
+            method, args, outcome, done = self._calls.get()
+            self._busy_since = time.monotonic()
+            try:
+                outcome.append((True, method(*args)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                outcome.append((False, exc))
+            self._busy_since = None
+            done.set()
+
+
 class PeerWatch:
     def __init__(self, rank: int, world_size: int, timeout_s: float, host: str, port: int,
                  on_stall=None):  # fmt: skip
@@ -102,38 +163,46 @@ class PeerWatch:
         # Beats often enough that a stopped peer looks stale well within the timeout.
         self.interval_s = max(0.5, min(10.0, timeout_s / 4))
         self.stale_s = 3 * self.interval_s
+        # How long one store call may take before the store counts as not answering.
+        self.call_deadline_s = max(5.0, 2 * self.interval_s)
         self.on_stall = on_stall or _exit_on_stall
         self._step, self._phase, self._since = 0, "starting", time.time()
         self._exit: tuple[int, str] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="megabatch-peer-watch",
                                         daemon=True)  # fmt: skip
-        self._store = None  # the thread's connection
-        self._main_store = None  # the main thread's (wait_for)
+        self._store: BoundedStore | None = None  # shared by the watch and the main thread
 
     # ------------------------------------------------------------------ main thread
     def start(self) -> None:
-        self._store = self._client(timeout_s=max(self.timeout_s, 30.0))
-        self._main_store = self._client(timeout_s=max(self.timeout_s, 30.0))
+        client = dist.TCPStore(self.host, self.port, is_master=False,
+                               timeout=timedelta(seconds=max(self.timeout_s, 30.0)))  # fmt: skip
+        self._store = BoundedStore(client, self.call_deadline_s)
         self._publish()
         self._thread.start()
 
     def announce(self, name: str) -> None:
         """Tell the peers that this rank is done with ``name`` (see ``wait_for``)."""
-        self._main_store.set(DONE_KEY.format(name=name), str(self.rank))
+        self._store.set(DONE_KEY.format(name=name), str(self.rank))
 
     def wait_for(self, rank: int, name: str) -> None:
         """Wait until ``rank`` announces ``name``, for as long as that rank is alive: the
         wait for work of unknown length on one rank (rank 0's evaluation), which a
         collective's fixed timeout would cut short. Raises PeerLostError if it is gone."""
         key = DONE_KEY.format(name=name)
-        while not self._main_store.check([key]):  # check() never blocks (no timeout noise)
+        while not self._announced(key):
             time.sleep(min(1.0, self.interval_s / 2))
             # Only that rank's heartbeat: every waiting rank reads it each second.
             verdict = self.verdict(f"rank {self.rank} waits for rank {rank} to finish {name}",
                                    ranks=[rank])  # fmt: skip
             if not verdict.store_answered or any(h.rank == rank for h in verdict.gone):
                 raise PeerLostError(verdict)
+
+    def _announced(self, key: str) -> bool:
+        try:
+            return self._store.check([key])  # check() never blocks (no timeout noise)
+        except Exception:  # noqa: BLE001 - a store that does not answer is the answer
+            raise PeerLostError(self._store_silent(f"rank {self.rank} waits")) from None
 
     def phase(self, step: int, name: str) -> None:
         """The main thread enters ``name`` in (0-based) ``step``: two attribute writes."""
@@ -171,9 +240,7 @@ class PeerWatch:
         try:
             beats = self._read(ranks)
         except Exception:  # noqa: BLE001 - a store that does not answer is the answer
-            return Verdict(f"{what}; the rendezvous store at {self.host}:{self.port} does not "
-                           "answer either: its host (rank 0, or torchrun on the first node) "
-                           "stopped answering", store_answered=False)  # fmt: skip
+            return self._store_silent(what)
         gone = tuple(
             h for h in beats.values()
             if h.rank != self.rank and (h.exit_status is not None or now - h.time > self.stale_s)
@@ -182,7 +249,7 @@ class PeerWatch:
         parts = [
             h.describe(now) if h.exit_status is not None
             else f"rank {h.rank} stopped answering (last heartbeat {now - h.time:.0f} s ago, "
-                 f"at step {h.step + 1}, {h.phase})"
+                 f"from {h.host or 'an unnamed host'}, at step {h.step + 1}, {h.phase})"
             for h in gone
         ]  # fmt: skip
         parts += [f"rank {r} never sent a heartbeat" for r in missing]
@@ -190,6 +257,11 @@ class PeerWatch:
             return Verdict(f"{what}: " + "; ".join(parts), gone)
         others = "; ".join(h.describe(now) for h in beats.values() if h.rank != self.rank)
         return Verdict(f"{what}; every rank is alive: {others}")
+
+    def _store_silent(self, what: str) -> Verdict:
+        return Verdict(f"{what}; the rendezvous store at {self.host}:{self.port} does not "
+                       "answer either: its host (rank 0, or torchrun on the first node) "
+                       "stopped answering", store_answered=False)  # fmt: skip
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -226,25 +298,21 @@ class PeerWatch:
     def _publish(self) -> None:
         status, reason = self._exit if self._exit else (None, "")
         beat = {"time": time.time(), "step": self._step, "phase": self._phase,
-                "since": self._since, "exit_status": status, "reason": reason}  # fmt: skip
+                "since": self._since, "exit_status": status, "reason": reason,
+                "host": _HOST}  # fmt: skip
         self._store.set(KEY.format(rank=self.rank), json.dumps(beat))
 
     def _read(self, ranks: list[int]) -> dict[int, Heartbeat]:
-        store = self._client(timeout_s=self.interval_s * 2)
+        store = self._store
         present = [r for r in ranks if store.check([KEY.format(rank=r)])]  # get() would block
         values = store.multi_get([KEY.format(rank=r) for r in present]) if present else []
         beats = {}
         for r, raw in zip(present, values, strict=True):
             data = json.loads(raw)
             beats[r] = Heartbeat(r, data["time"], data["step"], data["phase"], data["since"],
-                                 data.get("exit_status"), data.get("reason", ""))  # fmt: skip
+                                 data.get("exit_status"), data.get("reason", ""),
+                                 data.get("host", ""))  # fmt: skip
         return beats
-
-    def _client(self, timeout_s: float):
-        # A connection of our own (the thread's, or a short-timeout one to read): store
-        # calls from two threads on one client would interleave.
-        return dist.TCPStore(self.host, self.port, is_master=False,
-                             timeout=timedelta(seconds=timeout_s))  # fmt: skip
 
 
 def is_collective_failure(exc: BaseException) -> bool:

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,10 @@ _RENDEZVOUS_DESTS = frozenset({"nnodes", "rdzv_backend", "rdzv_endpoint", "rdzv_
                                "master_addr", "master_port", "node_rank"})  # fmt: skip
 # torchrun options that name what the ranks run: the launcher's own (-m megabatch.trainer.cli).
 _SCRIPT_DESTS = frozenset({"module", "no_python", "run_path"})
+# Seconds torchrun has to exit once every rank of this node has recorded a failure: its
+# shutdown calls the rendezvous store, and a store whose host was lost without a word
+# (cut off, powered off) never answers, so torchrun would wait with no end.
+TORCHRUN_AFTER_RANKS_S = 30.0
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 USAGE = "megabatch launch [TORCHRUN OPTIONS] COMMAND [ARGS]"
@@ -68,7 +73,9 @@ Added to TORCHRUN OPTIONS unless given there (or as torchrun's PET_* variables):
 Signals: SIGTERM, SIGINT, SIGUSR1, SIGUSR2 and SIGHUP sent to this process (or to every process
 of the job, as scancel does) are forwarded to torchrun and by it to the ranks; after
 SIGTERM, SIGUSR1 or SIGUSR2 they save at the end of the step and exit 75. The launcher exits only
-after torchrun, and after any rank that outlives torchrun.
+after torchrun, and after any rank that outlives torchrun. Once every rank of this node
+has recorded a failure, torchrun gets {TORCHRUN_AFTER_RANKS_S:g} s more to exit (it may wait for
+a rendezvous store whose host was lost) and is then killed.
 
 Exit status: each rank records its own; if the ranks that recorded one agree, that one
 (0 done; 75 saved after a signal: requeue the job unchanged and it resumes; 2 bad config
@@ -293,7 +300,7 @@ def run_torchrun(plan: LaunchPlan) -> int:
             # forwarded once (torchrun abandons the ranks on a third SIGINT or SIGTERM).
             child = subprocess.Popen(command, env=env, process_group=0)
             forwarder.started(child)
-            code = child.wait()
+            code = _wait_for_torchrun(child, exit_dir, plan.local_world_size)
             torchrun = 128 - code if code < 0 else code  # killed by signal N: 128 + N
             _wait_for_orphans(forwarder, torchrun)
             statuses = read_exit_statuses(exit_dir)
@@ -309,6 +316,31 @@ def run_torchrun(plan: LaunchPlan) -> int:
         print(f"megabatch launch: exit statuses the {plan.local_world_size} ranks recorded: "
               f"{recorded}; exiting with torchrun's {torchrun}", file=sys.stderr)  # fmt: skip
     return status
+
+
+def _wait_for_torchrun(child: subprocess.Popen, exit_dir: str, local_world_size: int) -> int:
+    """torchrun's exit code; SIGKILLed (with its process group) when it outlives this
+    node's ranks by TORCHRUN_AFTER_RANKS_S after they all recorded a failure. Not after a
+    success: then torchrun waits for the other nodes to finish (its exit barrier)."""
+    failed_since = None
+    while True:
+        try:
+            return child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        statuses = read_exit_statuses(exit_dir)
+        if len(statuses) < local_world_size or 0 in statuses.values():
+            continue
+        failed_since = failed_since or time.monotonic()
+        if time.monotonic() - failed_since > TORCHRUN_AFTER_RANKS_S:
+            print(f"megabatch launch: torchrun did not exit within {TORCHRUN_AFTER_RANKS_S:g} s "
+                  "of its ranks (its rendezvous store may be unreachable); stopped it",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return child.wait()
 
 
 def _wait_for_orphans(forwarder: _SignalForwarder, torchrun: int) -> None:

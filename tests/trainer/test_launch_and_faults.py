@@ -26,6 +26,31 @@ def test_first_host(nodelist, host, monkeypatch):
     assert first_host(nodelist) == host
 
 
+@pytest.mark.parametrize(
+    "env,resolved,refused",
+    [
+        ({"GROUP_WORLD_SIZE": "2"}, "127.0.1.1", True),  # torchrun, 2 nodes, Debian's hosts file
+        ({"SLURM_NNODES": "3"}, "127.0.0.1", True),  # srun
+        ({"GROUP_WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "eth0"}, "127.0.1.1", False),
+        ({"GROUP_WORLD_SIZE": "2"}, "10.1.2.3", False),  # the name resolves to a real address
+        ({"GROUP_WORLD_SIZE": "1"}, "127.0.1.1", False),  # one node: loopback is right
+    ],
+)
+def test_a_gloo_run_across_nodes_refuses_a_loopback_address(env, resolved, refused, monkeypatch):
+    from megabatch.trainer.config import ConfigError
+    from megabatch.trainer.launch import check_gloo_address
+
+    monkeypatch.setattr("socket.gethostname", lambda: "node7")
+    monkeypatch.setattr("socket.gethostbyname", lambda name: resolved)
+    if not refused:
+        check_gloo_address(env)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_gloo_address(env)
+    assert f"host's name 'node7' resolves to {resolved}" in str(info.value)
+    assert "set GLOO_SOCKET_IFNAME" in str(info.value) and "\n" not in str(info.value)
+
+
 def _nan_losses(rank, world_size, tmp, k):
     from megabatch.trainer.config import load_config
     from megabatch.trainer.launch import init_world

@@ -55,7 +55,8 @@ def test_a_silent_peer_is_named_and_a_slow_one_is_not(store_port):
     (verdict,) = stalls  # rank 0's own watch saw its step outlast the timeout
     assert [h.rank for h in verdict.gone] == [1]
     assert "rank 1 stopped answering (last heartbeat" in verdict.message
-    assert "at step 5, data" in verdict.message and not verdict.requeue
+    assert f"from {socket.gethostname()}, at step 5, data" in verdict.message
+    assert not verdict.requeue
     zero.stop()
 
 
@@ -149,3 +150,35 @@ def test_a_data_error_on_one_rank_ends_both_with_its_reason(data, tmp_path):
     bad_rank = int(data_error.split("rank ")[1].split(":")[0])
     (follower,) = [line for line in lines if f"rank {bad_rank} exited with status 2" in line]
     assert "a collective failed (Connection closed by peer" in follower
+
+
+def test_a_store_that_stops_answering_is_said_within_the_timeout(tmp_path):
+    """The store's host stops without closing its connections (SIGSTOP here; a host cut
+    off the network, in tests/trainer/test_multinode.py): TCPStore's own timeout does not
+    end a call the server never answers, so the watch bounds its calls itself and says
+    the store stopped answering, rather than waiting with its rank for ever."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-c", "import sys, time, datetime, torch.distributed as d;"
+                               f"s = d.TCPStore('127.0.0.1', {port}, 2, True, wait_for_workers=False);"
+                               "print('up', flush=True); time.sleep(300)"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert server.stdout.readline() == "up\n"
+        (zero, one), stalls = _watches(port)  # timeout 4 s: beats every second
+        zero.phase(7, "step")
+        os.kill(server.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        while not stalls and time.monotonic() - started < 30:
+            time.sleep(0.1)
+        waited = time.monotonic() - started
+        verdict = stalls[0] if stalls else None
+        assert verdict is not None and not verdict.store_answered, "the watch hung on the store"
+        assert "the rendezvous store at 127.0.0.1:" in verdict.message
+        assert "does not answer" in verdict.message
+        # The timeout, then one bounded read (2 beats, at least 5 s): not the store's 30 s.
+        assert waited < 4 + 5 + 3, waited
+        with pytest.raises(PeerLostError, match="does not answer"):
+            one.wait_for(0, "eval-step7")  # the main thread's calls are bounded too
+    finally:
+        server.kill()
+        server.wait()
