@@ -399,11 +399,15 @@ def dump_config(config: RunConfig, path: str | Path, extra: dict | None = None) 
     """Write the resolved config as YAML, atomically; ``extra`` facts (git revision,
     world size, ...) go in comment lines on top, so the file loads back as a config."""
     path = Path(path)
-    header = "".join(f"# {key}: {value}\n" for key, value in (extra or {}).items())
-    body = yaml.safe_dump(plain_dict(config), sort_keys=False)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(header + body)
+    tmp.write_text(config_text(config, extra))
     tmp.replace(path)
+
+
+def config_text(config: RunConfig, extra: dict | None = None) -> str:
+    """What ``dump_config`` writes: ``extra`` as comment lines, then the config's YAML."""
+    header = "".join(f"# {key}: {value}\n" for key, value in (extra or {}).items())
+    return header + yaml.safe_dump(plain_dict(config), sort_keys=False)
 
 
 def _plain(value):

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
-import subprocess
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from megabatch.trainer.config import ConfigError
+from megabatch.trainer.submission import JobShape, deploy_file_text, run_tool
 
 TEMPLATE = ("slurm", "megabatch.sbatch")
 """Where the template lives in ``megabatch.deploy`` (the repository's deploy/ folder)."""
@@ -31,13 +29,9 @@ _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
 @dataclass
-class SlurmOptions:
+class SlurmOptions(JobShape):
     """The job's shape and the scheduler's options (``megabatch submit slurm --help``)."""
 
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int | None = None
-    """Ranks per node: the GPUs per node, or 1 for a CPU job, unless given."""
     cpus_per_task: int = 4
     time_limit: str | None = None
     partition: str | None = None
@@ -53,24 +47,11 @@ class SlurmOptions:
     python: str = "python3"
     """The interpreter the ranks run megabatch with (the submitting one by default)."""
 
-    @property
-    def ranks_per_node(self) -> int:
-        if self.tasks_per_node is not None:
-            return self.tasks_per_node
-        return self.gpus_per_node if self.gpus_per_node > 0 else 1
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.ranks_per_node
-
     def check(self) -> None:
         """One-line ConfigError for a value sbatch would refuse or a job that could not work."""
-        for flag, value in (("--nodes", self.nodes), ("--cpus-per-task", self.cpus_per_task),
-                            ("--tasks-per-node", self.ranks_per_node)):  # fmt: skip
-            if value < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if self.gpus_per_node < 0:
-            raise ConfigError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
+        self.check_shape()
+        if self.cpus_per_task < 1:
+            raise ConfigError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
         if not 60 <= self.warning_s <= 65535:  # Slurm's --signal takes 0..65535 s, 60 s steps
             raise ConfigError(f"--warning-s must be in [60, 65535], got {self.warning_s}")
         if self.max_requeues < 0:
@@ -145,8 +126,7 @@ def render(options: SlurmOptions, config_path: Path, run_dir: Path, workdir: Pat
 
 
 def template_text() -> str:
-    path = resources.files("megabatch.deploy").joinpath(*TEMPLATE)
-    return path.read_text(encoding="utf-8")
+    return deploy_file_text(*TEMPLATE)
 
 
 def fill(template: str, fields: dict[str, str]) -> str:
@@ -160,17 +140,9 @@ def fill(template: str, fields: dict[str, str]) -> str:
 def sbatch(script: Path) -> str:
     """Submit ``script``; returns the job id. SubmitError (one line) when sbatch is
     missing or refuses the job."""
-    if shutil.which("sbatch") is None:
-        raise SubmitError(f"sbatch not found on PATH (not a Slurm login node?); the script "
-                          f"is {script}: submit it with sbatch, or see --dry-run")  # fmt: skip
-    done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True,
-                          text=True, check=False, timeout=120)  # fmt: skip
-    if done.returncode != 0:
-        first = done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}"
-        raise SubmitError(f"sbatch refused {script}: {first.splitlines()[0]}")
+    out = run_tool(["sbatch", "--parsable", str(script)],
+                   missing=f"sbatch not found on PATH (not a Slurm login node?); the script "
+                   f"is {script}: submit it with sbatch, or see --dry-run",
+                   refused=f"sbatch refused {script}")  # fmt: skip
     # --parsable prints "JOBID" or "JOBID;CLUSTER".
-    return done.stdout.strip().split(";")[0]
-
-
-class SubmitError(RuntimeError):
-    """The scheduler could not take the job (its tool missing, or its refusal)."""
+    return out.strip().split(";")[0]

@@ -10,6 +10,9 @@ import signal
 from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_REQUEUE = 75
+"""sysexits' EX_TEMPFAIL: the exit status after a save on a stop signal (requeue the job
+unchanged and it resumes). The job templates' requeue rules match it."""
 
 
 class StopSignals:

@@ -48,10 +48,9 @@ from megabatch.trainer.prometheus import (
 )
 from megabatch.trainer.resume import ResumePlan, plan_resume
 from megabatch.trainer.step import gradcache_step
-from megabatch.trainer.stop_signals import StopSignals
+from megabatch.trainer.stop_signals import EXIT_REQUEUE, StopSignals
 from megabatch.trainer.tasks import TASKS, make_task
 
-EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: saved on a signal; requeue and resume=auto
 # Seconds a signalled rank still waits for its batch. Long enough for a batch that is
 # merely slow (the step then ends and saves as usual), short against schedulers' grace
 # periods (Kubernetes: 30 s by default; Slurm: --signal's lead time, KillWait).

@@ -7,7 +7,6 @@ counter at steps x global batch, and every dashboard panel's query returning dat
 MEGABATCH_REQUIRE_PROMETHEUS=1 (set by `.ci/run`) makes its absence a failure."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -19,13 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.dashboard import concrete, queries
+from tests.real_parts import needs
 from tests.trainer.runs import ROOT, command, env, overrides, write_data
 
 PROMETHEUS = shutil.which("prometheus")
-if PROMETHEUS is None and os.environ.get("MEGABATCH_REQUIRE_PROMETHEUS") == "1":
-    raise RuntimeError("MEGABATCH_REQUIRE_PROMETHEUS=1 but no prometheus on PATH")
 pytestmark = [
-    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (.ci/run installs it)"),
+    needs("prometheus", None if PROMETHEUS else "prometheus not installed (.ci/run installs it)"),
     pytest.mark.slow,
     pytest.mark.multiproc,
     pytest.mark.timeout(300),

@@ -5,7 +5,6 @@ the way Slurm warns before a time limit or a preemption (SIGUSR2 to its tasks, a
 with exactly the parameters of the uninterrupted job (torch.equal: CPU, fixed seeds)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,14 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.real_parts import needs
 from tests.slurm_cluster import SlurmCluster, missing
 from tests.trainer.runs import ROOT, env, overrides, weights
 
-WHY_NOT = missing()
-if WHY_NOT is not None and os.environ.get("MEGABATCH_REQUIRE_SLURM") == "1":
-    raise RuntimeError(f"MEGABATCH_REQUIRE_SLURM=1 but {WHY_NOT}")
 pytestmark = [
-    pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""),
+    needs("slurm", missing()),
     pytest.mark.slow,
     pytest.mark.multiproc,
 ]
