@@ -21,6 +21,10 @@ them with weights_only=False, so a planted file could run code), allowing on top
 tensors and containers only the three plain DeepSpeed types its ZeRO optimizer files
 hold. A file that needs anything else is refused with a CheckpointError naming it.
 
+``model_weights`` is the model alone, whole, for ``megabatch export``: the module file,
+with the float32 master weights gathered from the ZeRO optimizer partitions for bf16 and
+fp16 runs.
+
 Retention: after each save rank 0 removes all but the newest ``keep`` complete
 checkpoints; the newest is the one just completed, so a checkpoint is only ever removed
 once a newer one is whole.
@@ -45,6 +49,7 @@ import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # under state/: DeepSpeed's module weights
 _NAME = re.compile(r"step(\d{8})")
 
 
@@ -298,3 +303,65 @@ def _load_deepspeed(engine, checkpoint: Checkpoint, module_only: bool) -> None:
     )  # fmt: skip
     if load_path is None:
         raise CheckpointError(f"cannot read {checkpoint.path}: DeepSpeed found no checkpoint")
+
+
+# --------------------------------------------------------------------------- whole weights
+
+
+def model_weights(checkpoint: Checkpoint) -> dict:
+    """The model's whole weights (``megabatch export``), read weights-only. ZeRO stages 1
+    and 2 partition optimizer states, not parameters: rank 0's module file holds every
+    weight, in the training precision. For fp32 runs those are the trained weights; for
+    bf16 and fp16 runs under ZeRO 1-2 the float32 master weights, partitioned across the
+    ranks' optimizer files, are gathered (``zero_master_weights``) and replace them."""
+    path = checkpoint.path / "state" / MODEL_STATES
+    if not path.is_file():
+        raise CheckpointError(f"cannot read {checkpoint.path}: no state/{MODEL_STATES}")
+    states = load_weights_only(path, map_location="cpu")
+    module = states.get("module") if isinstance(states, dict) else None
+    if not isinstance(module, dict):
+        raise CheckpointError(f"cannot read {path}: it holds no module weights")
+    low = any(t.is_floating_point() and t.dtype != torch.float32 for t in module.values())
+    if low and any((checkpoint.path / "state").glob("*zero_pp_rank_*_optim_states.pt")):
+        return {**module, **zero_master_weights(checkpoint, states)}
+    return dict(module)
+
+
+def zero_master_weights(checkpoint: Checkpoint, states: dict | None = None) -> dict:
+    """The float32 master copy of every trained parameter, gathered from the ZeRO 1/2
+    optimizer partitions (one file per data-parallel rank): the ranks' flat partitions of
+    each parameter group are joined in rank order and cut at the parameter shapes the
+    module file lists (deepspeed.utils.zero_to_fp32's reconstruction, weights-only)."""
+    state_dir = checkpoint.path / "state"
+    if states is None:
+        states = load_weights_only(state_dir / MODEL_STATES, map_location="cpu")
+    world = states.get("dp_world_size", 1)
+    parts = []
+    for rank in range(world):
+        # bf16 runs' files are named bf16_zero_pp_rank_*.
+        found = sorted(state_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+        if len(found) != 1:
+            raise CheckpointError(f"cannot read {checkpoint.path}: rank {rank}'s ZeRO optimizer "
+                                  f"file is missing (written by {world} ranks)")  # fmt: skip
+        path = found[0]
+        optim = load_weights_only(path, map_location="cpu").get("optimizer_state_dict", {})
+        if "single_partition_of_fp32_groups" not in optim:
+            raise CheckpointError(f"{path} holds no ZeRO 1/2 fp32 partitions")
+        parts.append(optim)
+    paddings = parts[0].get("param_alignment_paddings")
+    weights = {}
+    for g, shapes in enumerate(states["param_shapes"]):
+        flat = torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            n = math.prod(shape)
+            weights[name] = flat.narrow(0, offset, n).view(tuple(shape)).clone()
+            offset += n + (paddings[g][i] if paddings is not None else 0)
+        align = 2 * world  # ZeRO 2 pads each group to a multiple of 2 x world size
+        if math.ceil(offset / align) != math.ceil(flat.numel() / align):
+            raise CheckpointError(f"cannot read {state_dir}: group {g} holds {flat.numel()} "
+                                  f"values, its parameters {offset}")  # fmt: skip
+    for name, source in states.get("shared_params", {}).items():
+        if source in weights:
+            weights[name] = weights[source]
+    return weights

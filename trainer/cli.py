@@ -11,6 +11,7 @@ from importlib import metadata
 from megabatch.data_pipeline.cli import add_data_commands
 from megabatch.trainer import __version__
 from megabatch.trainer.commands import add_train_commands
+from megabatch.trainer.export import add_export_command
 from megabatch.trainer.status import add_status_command
 from megabatch.trainer.stop_signals import STOP_SIGNALS
 from megabatch.trainer.submit import add_submit_command
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_train_commands(commands)
     add_status_command(commands)
+    add_export_command(commands)
     add_launch_command(commands)
     add_submit_command(commands)
     return parser
