@@ -41,9 +41,6 @@ from megabatch.trainer.config import ConfigError, RunConfig, load_config
 FORMATS = ("hf",)
 NOT_BUILT_YET = ("onnx",)
 MANIFEST, CARD = "manifest.json", "README.md"
-# What must match between the run's config and the checkpoint's for its weights to be
-# read as the run's model (resume.REFUSED_FOR_EVAL's keys).
-_SAME_MODEL = ("task", "model")
 
 
 class ExportError(ValueError):
