@@ -8,11 +8,11 @@ loads: no code unpickled): rank 0's module file, which holds every parameter und
 for bf16/fp16 runs. Stage 3, which would partition the parameters, is refused.
 
 The folder is built under ``.DIR.partial-PID`` beside DIR and renamed into place when
-every file is written: an export cut short (an error, Ctrl-C, SIGTERM) removes its
-partial folder, and one killed outright leaves only the hidden partial folder, which the
-next export to the same DIR removes. DIR is never half written. Files: export_hf's
-(transformers' own: JSON and safetensors), the model card README.md
-(``write_model_card``) and manifest.json, the sha256 of every other file
+every file is written (``atomic_folder``): an export cut short (an error, Ctrl-C,
+SIGTERM) removes its partial folder, and one killed outright leaves only the hidden
+partial folder, which the next export to the same DIR removes. DIR is never half
+written. Files: export_hf's (transformers' own: JSON and safetensors), the model card
+README.md (``write_model_card``) and manifest.json, the sha256 of every other file
 (``write_manifest``).
 """
 
@@ -21,22 +21,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from megabatch.trainer.checkpoint import (
-    MODEL_STATES,
-    Checkpoint,
-    CheckpointError,
-    complete_checkpoints,
-    read_checkpoint,
-)
+from megabatch.trainer.atomic_folder import FolderExists, atomic_folder
+from megabatch.trainer.checkpoint import MODEL_STATES, Checkpoint, CheckpointError, read_checkpoint
 from megabatch.trainer.config import ConfigError, RunConfig, load_config
+from megabatch.trainer.resume import config_changes, latest_checkpoint, refused_changes
 
 FORMATS = ("hf",)
 NOT_BUILT_YET = ("onnx",)
@@ -139,13 +133,15 @@ def plan_export(run_dir: Path, checkpoint: str = "latest", out: Path | None = No
         raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml", [f"run_dir={run_dir}"])
     if checkpoint == "latest":
-        found = [c for c in complete_checkpoints(run_dir / "checkpoints") if c.loss_is_finite]
-        if not found:
+        chosen_checkpoint = latest_checkpoint(run_dir)
+        if chosen_checkpoint is None:
             raise ExportError(f"no complete checkpoint to export in {run_dir / 'checkpoints'}")
-        chosen_checkpoint = found[-1]
     else:
         chosen_checkpoint = read_checkpoint(Path(checkpoint))
-    _check_same_model(config, chosen_checkpoint)
+    other_model = refused_changes(config_changes(chosen_checkpoint, config), for_eval=True)
+    if other_model:
+        raise ExportError(f"{chosen_checkpoint.path} holds another model than the run's config: "
+                          + "; ".join(map(str, other_model)))  # fmt: skip
     if config.engine.zero_stage == 3:  # never trained (config.validate), said all the same
         raise ExportError("ZeRO stage 3 checkpoints are not supported (parameters partitioned)")
     if not (chosen_checkpoint.path / "state" / MODEL_STATES).is_file():
@@ -156,24 +152,6 @@ def plan_export(run_dir: Path, checkpoint: str = "latest", out: Path | None = No
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
     return ExportPlan(run_dir, config, chosen_checkpoint, out, chosen, overwrite)
-
-
-def _check_same_model(config: RunConfig, checkpoint: Checkpoint) -> None:
-    old = checkpoint.meta.get("config")
-    if not isinstance(old, dict):
-        return  # written before configs were recorded: the weights' keys are checked
-    if old.get("task") != config.task:
-        raise ExportError(f"{checkpoint.path} is a checkpoint of a task {old.get('task')} run, "
-                          f"not of this task {config.task} run")  # fmt: skip
-    mine = {"preset": config.model.preset, "embed_dim": config.model.embed_dim,
-            "image_size": config.model.image_size,
-            "context_length": config.model.context_length}  # fmt: skip
-    theirs = old.get("model") or {}
-    differ = [f"model.{k} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items()
-              if k in theirs and theirs[k] != v]  # fmt: skip
-    if differ:
-        raise ExportError(f"{checkpoint.path} holds a different model than the run's config: "
-                          + "; ".join(differ))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- writing
@@ -202,10 +180,13 @@ def export(plan: ExportPlan) -> Path:
                 export_hf.write_simclr(folder, encoder, processor)
     except export_hf.WeightsMismatch as exc:
         raise ExportError(f"{plan.checkpoint.path}: {exc}") from None
-    with _atomic_folder(plan.out, plan.overwrite) as folder:
-        write(folder)
-        write_model_card(folder / CARD, plan)
-        write_manifest(folder, plan)
+    try:
+        with atomic_folder(plan.out, plan.overwrite) as folder:
+            write(folder)
+            write_model_card(folder / CARD, plan)
+            write_manifest(folder, plan)
+    except FolderExists as exc:  # DIR appeared while we wrote
+        raise ExportError(str(exc)) from None
     return plan.out
 
 
@@ -234,30 +215,6 @@ def _clip_config(config: RunConfig, tokenizer):
         eot_id=tokenizer.eot_id, embed_dim=m.embed_dim,
         init_logit_scale=config.loss.init_logit_scale,
     )  # fmt: skip
-
-
-@contextmanager
-def _atomic_folder(out: Path, overwrite: bool):
-    """A fresh folder beside ``out`` to write into; renamed to ``out`` when the block
-    finishes, removed when it raises (SystemExit and KeyboardInterrupt included)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            if not overwrite:  # appeared while we wrote
-                raise ExportError(f"{out} exists (pass --overwrite to replace it)")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed
 
 
 # --------------------------------------------------------------------------- card, manifest

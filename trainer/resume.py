@@ -16,7 +16,8 @@ new config is compared with it key by key:
 - no effect after the first start, listed as such: ``loss.init_logit_scale`` (the scale
   is a trained parameter by then), ``preset`` (its keys are compared one by one).
 
-``megabatch eval`` only needs the model to be the same: task, model, tokenizer.
+``megabatch eval`` and ``megabatch export`` only need the model to be the same: task,
+model, tokenizer.
 """
 
 from __future__ import annotations
@@ -72,11 +73,9 @@ def plan_resume(config: RunConfig, world_size: int, for_eval: bool = False) -> R
     if mode == "none":
         return ResumePlan(None)
     if mode == "auto":
-        found = [c for c in complete_checkpoints(Path(config.run_dir) / "checkpoints")
-                 if c.loss_is_finite]  # fmt: skip
-        if not found:
+        checkpoint = latest_checkpoint(Path(config.run_dir))
+        if checkpoint is None:
             return ResumePlan(None)
-        checkpoint = found[-1]
     else:
         try:
             checkpoint = read_checkpoint(Path(mode))
@@ -89,11 +88,8 @@ def plan_resume(config: RunConfig, world_size: int, for_eval: bool = False) -> R
             f"{written_by}, and the global batch and every rank's data position depend on "
             "the world size (resume with the same number of ranks, or train.resume=none)"
         )
-    old = checkpoint.meta.get("config")
-    if not isinstance(old, dict):  # written before configs were recorded
-        return ResumePlan(checkpoint)
-    changes = _differences(_flatten(old), _flatten(plain_dict(config)))
-    refused = [c for c in changes if _matches(c.key, REFUSED_FOR_EVAL if for_eval else REFUSED)]
+    changes = config_changes(checkpoint, config)
+    refused = refused_changes(changes, for_eval)
     if refused:
         raise ConfigError(
             f"cannot resume {checkpoint.path}: "
@@ -107,6 +103,28 @@ def plan_resume(config: RunConfig, world_size: int, for_eval: bool = False) -> R
         applied=[c for c in kept if not _matches(c.key, NO_EFFECT)],
         no_effect=[c for c in kept if _matches(c.key, NO_EFFECT)],
     )
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint of ``run_dir`` whose step had a finite loss (what
+    ``train.resume=auto``, ``megabatch eval`` and ``megabatch export`` take), or None."""
+    found = [c for c in complete_checkpoints(run_dir / "checkpoints") if c.loss_is_finite]
+    return found[-1] if found else None
+
+
+def config_changes(checkpoint: Checkpoint, config: RunConfig) -> list[Change]:
+    """Every key whose value differs between the config that wrote ``checkpoint`` and
+    ``config`` (none for a checkpoint written before configs were recorded)."""
+    old = checkpoint.meta.get("config")
+    if not isinstance(old, dict):
+        return []
+    return _differences(_flatten(old), _flatten(plain_dict(config)))
+
+
+def refused_changes(changes: list[Change], for_eval: bool = False) -> list[Change]:
+    """The changes a resume refuses; ``for_eval``: those that make it another model
+    (task, model, tokenizer), which evaluation and export refuse."""
+    return [c for c in changes if _matches(c.key, REFUSED_FOR_EVAL if for_eval else REFUSED)]
 
 
 def _matches(key: str, rules) -> bool:

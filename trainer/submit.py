@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from megabatch.trainer.atomic_folder import atomic_folder
 from megabatch.trainer.commands import add_config_arguments, config_argument
 from megabatch.trainer.config import ConfigError, RunConfig, config_text, dump_config, load_config
 from megabatch.trainer.submission import SubmitError
@@ -265,17 +265,9 @@ def _cmd_submit_k8s(args: argparse.Namespace) -> int:
 def _replace_folder(folder: Path, files: dict[str, str]) -> Path:
     """``folder`` holding exactly ``files`` (name: text): written beside it, then swapped
     in, so that it is never half-written and keeps no file of an earlier submission."""
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    for leftover in (partial, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    partial.mkdir()
-    for name, text in files.items():
-        (partial / name).write_text(text)
-    if folder.exists():
-        folder.rename(old)
-    partial.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder, overwrite=True) as partial:
+        for name, text in files.items():
+            (partial / name).write_text(text)
     return folder
 
 

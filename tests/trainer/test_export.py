@@ -299,7 +299,7 @@ def test_bad_runs_and_checkpoints_are_one_line(zero2_run, simclr_run, tmp_path, 
         ((empty,), "no complete checkpoint to export"),
         (
             (zero2_run, "--checkpoint", _newest(simclr_run)),
-            "task simclr run, not of this task clip",
+            "holds another model than the run's config: task 'simclr' -> 'clip'",
         ),
         ((zero2_run, "--checkpoint", incomplete), "is not a complete checkpoint"),
         ((zero2_run, "--checkpoint", tmp_path / "missing"), "no checkpoint directory"),
@@ -310,7 +310,7 @@ def test_bad_runs_and_checkpoints_are_one_line(zero2_run, simclr_run, tmp_path, 
     config["model"]["embed_dim"] = 64
     (other_model / "config.yaml").write_text(yaml.safe_dump(config))
     cases.append(((other_model, "--checkpoint", _newest(zero2_run)),
-                  "holds a different model than the run's config: model.embed_dim None -> 64"))  # fmt: skip
+                  "holds another model than the run's config: model.embed_dim None -> 64"))  # fmt: skip
     for argv, said in cases:
         code, lines = _cli(capsys, *argv, "--out", tmp_path / "out")
         assert code == 2 and len(lines) == 1 and said in lines[0], (argv, lines)
