@@ -312,8 +312,9 @@ def model_weights(checkpoint: Checkpoint) -> dict:
     """The model's whole weights (``megabatch export``), read weights-only. ZeRO stages 1
     and 2 partition optimizer states, not parameters: rank 0's module file holds every
     weight, in the training precision. For fp32 runs those are the trained weights; for
-    bf16 and fp16 runs under ZeRO 1-2 the float32 master weights, partitioned across the
-    ranks' optimizer files, are gathered (``zero_master_weights``) and replace them."""
+    bf16 and fp16 runs the float32 master weights replace them: gathered from the ranks'
+    optimizer partitions under ZeRO 1-2 (``zero_master_weights``), read whole from the
+    module file without ZeRO (``whole_master_weights``)."""
     path = checkpoint.path / "state" / MODEL_STATES
     if not path.is_file():
         raise CheckpointError(f"cannot read {checkpoint.path}: no state/{MODEL_STATES}")
@@ -322,9 +323,45 @@ def model_weights(checkpoint: Checkpoint) -> dict:
     if not isinstance(module, dict):
         raise CheckpointError(f"cannot read {path}: it holds no module weights")
     low = any(t.is_floating_point() and t.dtype != torch.float32 for t in module.values())
-    if low and any((checkpoint.path / "state").glob("*zero_pp_rank_*_optim_states.pt")):
+    if not low:
+        return dict(module)
+    if any((checkpoint.path / "state").glob("*zero_pp_rank_*_optim_states.pt")):
         return {**module, **zero_master_weights(checkpoint, states)}
-    return dict(module)
+    return {**module, **whole_master_weights(path, states)}
+
+
+def whole_master_weights(path: Path, states: dict) -> dict:
+    """The float32 master copy of every trained parameter of a bf16/fp16 run without ZeRO.
+    DeepSpeed's FP16_Optimizer keeps them whole in the module file, under
+    ``optimizer.fp32_groups``: one list per optimizer group, in the order the trainer
+    built the groups (``engine.param_groups``: [decay, no decay], each in the model's
+    parameter order), with no names and (stage 0) no ``param_shapes``. Names are put
+    back by that order and checked: same shapes, and each master rounds to the module's
+    low-precision weight exactly (what the optimizer's step copies into the model)."""
+    from megabatch.trainer.engine import decays
+
+    module = states["module"]
+    groups = (states.get("optimizer") or {}).get("fp32_groups")
+    if not isinstance(groups, list) or len(groups) != 2:
+        raise CheckpointError(f"cannot read {path}: its bf16/fp16 weights come with no "
+                              "float32 master copy (optimizer.fp32_groups)")  # fmt: skip
+    buffers, frozen = states.get("buffer_names") or (), states.get("frozen_param_shapes") or ()
+    names = [n for n in module if n not in set(buffers) | set(frozen)]
+    by_group = [[n for n in names if decays(module[n])],
+                [n for n in names if not decays(module[n])]]  # fmt: skip
+    weights = {}
+    for group, (masters, group_names) in enumerate(zip(groups, by_group, strict=True)):
+        if len(masters) != len(group_names):
+            raise CheckpointError(f"cannot read {path}: optimizer group {group} holds "
+                                  f"{len(masters)} master weights, the model {len(group_names)} "
+                                  "parameters")  # fmt: skip
+        for name, master in zip(group_names, masters, strict=True):
+            own = module[name]
+            if master.shape != own.shape or not torch.equal(master.to(own.dtype), own):
+                raise CheckpointError(f"cannot read {path}: the float32 master of {name} "
+                                      "does not round to its weight")  # fmt: skip
+            weights[name] = master.float().clone()
+    return weights
 
 
 def zero_master_weights(checkpoint: Checkpoint, states: dict | None = None) -> dict:

@@ -18,13 +18,19 @@ from torch import nn
 from megabatch.trainer.config import RunConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def decays(param: torch.Tensor) -> bool:
     """Decay matrices only: no decay on biases, norms' gains or the logit scale (all of
     them tensors of fewer than 2 dimensions), as in CLIP."""
+    return param.ndim >= 2
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's two groups, [decay, no decay] (``decays``), each in the model's
+    parameter order (checkpoint.whole_master_weights reads them back by this order)."""
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if decays(param) else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -207,3 +207,47 @@ def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_runs_without_zero_give_their_float32_masters(data, tmp_path, precision):
+    """Without ZeRO, DeepSpeed keeps the float32 masters whole but nameless (the optimizer's
+    fp32_groups, in engine.param_groups' order); model_weights names them back and checks
+    each one rounds to the module's weight. A master put in the wrong place is refused."""
+    import torch
+
+    from megabatch.trainer.checkpoint import (
+        MODEL_STATES,
+        CheckpointError,
+        model_weights,
+        read_checkpoint,
+    )
+
+    run = tmp_path / "run"
+    extra = {"engine.zero_stage": 0, "engine.precision": precision, "train.max_steps": 2,
+             "train.checkpoint_every_steps": 2}  # fmt: skip
+    proc = train(overrides(data, run, **extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = read_checkpoint(run / "checkpoints" / "step00000002")
+    states = torch.load(checkpoint.path / "state" / MODEL_STATES, weights_only=True)
+    module = states["module"]
+    assert not list((checkpoint.path / "state").glob("*zero_pp_rank_*"))  # no partitions
+    exported = model_weights(checkpoint)
+    assert set(exported) == set(module)
+    trained = [n for n in module if n not in states["buffer_names"]]
+    finer = 0
+    for name in trained:
+        assert exported[name].dtype == torch.float32
+        assert torch.equal(exported[name].to(module[name].dtype), module[name]), name
+        finer += not torch.equal(exported[name], module[name].float())
+    assert finer > len(trained) // 2  # the masters, not the rounded weights widened
+    decay = [n for n in trained if module[n].ndim >= 2]  # group 0: engine.param_groups
+    masters = states["optimizer"]["fp32_groups"][0]
+    assert torch.equal(exported[decay[-1]], masters[-1])
+
+    # Two masters of the same shape swapped (as a different group order would): refused.
+    i, j = [k for k, m in enumerate(masters) if m.shape == masters[2].shape][:2]
+    masters[i], masters[j] = masters[j], masters[i]
+    torch.save(states, checkpoint.path / "state" / MODEL_STATES)
+    with pytest.raises(CheckpointError, match=f"the float32 master of {decay[i]} does not round"):
+        model_weights(checkpoint)
