@@ -90,7 +90,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         help="skip, without decoding, an image whose header says it has more pixels "
         f"(default {DEFAULT_MAX_PIXELS} = 8192 x 8192)",
     )
-    write.add_argument("--image-size", type=int, default=64, help="demo image side (default 64)")
+    write.add_argument("--image-size", type=int, default=48, help="demo image side (default 48)")
     write.add_argument(
         "--val-fraction", type=float, default=0.2, help="demo validation share (default 0.2)"
     )

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megabatch.trainer.errors import first_line
+
 COMPLETE = "COMPLETE"
 META = "meta.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # under state/: DeepSpeed's module weights
@@ -211,7 +213,7 @@ def _write_durably(path: Path, text: str) -> None:
 def _describe_write_failure(exc: BaseException, tmp: Path, step: int, root: Path) -> str:
     """One line for a failed write; a full disk is said as such (torch reports it as
     'basic_ios::clear: iostream error' or 'PytorchStreamWriter failed writing file')."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     try:
         free = shutil.disk_usage(root).free
@@ -262,8 +264,7 @@ def load_weights_only(path: Path, map_location=None):
             "allow (a file megabatch did not write, or one that was tampered with)"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path}: {first}") from None
+        raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def _weights_only_engine(config_params):

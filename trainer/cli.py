@@ -11,6 +11,7 @@ from importlib import metadata
 from megabatch.data_pipeline.cli import add_data_commands
 from megabatch.trainer import __version__
 from megabatch.trainer.commands import add_train_commands
+from megabatch.trainer.embed import add_embed_command
 from megabatch.trainer.export import add_export_command
 from megabatch.trainer.status import add_status_command
 from megabatch.trainer.stop_signals import STOP_SIGNALS
@@ -32,6 +33,8 @@ _REPORTED_PACKAGES = (
     "transformers",
     "tokenizers",
     "kornia",
+    "onnx",
+    "onnxruntime",
 )
 # Environment variables that change how the distributed stack behaves.
 _REPORTED_ENV = ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(commands)
     add_status_command(commands)
     add_export_command(commands)
+    add_embed_command(commands)
     add_launch_command(commands)
     add_submit_command(commands)
     return parser

@@ -44,9 +44,11 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
 
     demo = commands.add_parser(
         "demo",
-        help="build the digits demo, train the tiny CLIP on 2 CPU ranks, evaluate",
+        help="build the digits demo, train the tiny CLIP on 2 CPU ranks, evaluate, export",
         description="Writes the demo shards and tokenizer under data/digits if missing, "
-        "trains preset demo-clip on 2 ranks (megabatch launch), and prints the evaluation.",
+        "trains preset demo-clip on 2 ranks (megabatch launch), prints the evaluation, and "
+        "exports the trained model (megabatch export: transformers and ONNX) to "
+        "RUN/export/stepNNNNNNNN, replacing an earlier export of that step.",
     )
     demo.add_argument("--ranks", type=int, default=2)
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -189,4 +191,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\nplots: {Path(config.run_dir) / 'plots'}/*.png, metrics: {config.run_dir}/metrics.jsonl"
     )
+    return _export_demo(Path(config.run_dir))
+
+
+def _export_demo(run_dir: Path) -> int:
+    """The demo's last step: the trained model as a downstream team gets it."""
+    from megabatch.trainer.export import ExportError, export, plan_export
+
+    try:
+        out = export(plan_export(run_dir, overwrite=True))
+    except (ExportError, ConfigError) as exc:
+        return _fail("demo", f"export: {exc}")
+    print(f"exported: {out} (transformers and ONNX; load it as README.md shows, or "
+          f"`megabatch embed {out} --images DIR --out FILE`)")  # fmt: skip
     return 0

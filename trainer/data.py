@@ -12,6 +12,7 @@ from megabatch.data_pipeline.read.loader import LoaderConfig
 from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.data_pipeline.read.transforms import ImageConfig
 from megabatch.trainer.config import ConfigError, RunConfig
+from megabatch.trainer.errors import first_line
 
 # Evaluation reads each held-out sample once, in order, in the main process (rank 0 alone
 # evaluates, while the other ranks wait: worker processes would only add start-up time).
@@ -54,5 +55,4 @@ def load_tokenizer(config: RunConfig) -> CaptionTokenizer:
     except FileNotFoundError as exc:
         raise ConfigError(f"data.tokenizer: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"data.tokenizer: cannot load {path}: {first}") from None
+        raise ConfigError(f"data.tokenizer: cannot load {path}: {first_line(exc)}") from None

@@ -1,17 +1,20 @@
 """``megabatch export RUN``: a run's checkpoint as a folder that downstream teams load
-with transformers alone (docs/export.md).
+with transformers or onnxruntime alone (docs/export.md).
 
 Reads RUN/config.yaml and one complete checkpoint (the newest whose loss was finite, or
 ``--checkpoint PATH``); the weights come from ``checkpoint.model_weights`` (weights-only
 loads: no code unpickled): rank 0's module file, which holds every parameter under ZeRO
-1 and 2, with the float32 master weights gathered from the ranks' optimizer partitions
-for bf16/fp16 runs. Stage 3, which would partition the parameters, is refused.
+1 and 2, with the float32 master weights for bf16/fp16 runs (gathered from the ranks'
+optimizer partitions under ZeRO 1-2). Stage 3, which would partition the parameters, is
+refused.
 
 The folder is built under ``.DIR.partial-PID`` beside DIR and renamed into place when
 every file is written (``atomic_folder``): an export cut short (an error, Ctrl-C,
 SIGTERM) removes its partial folder, and one killed outright leaves only the hidden
 partial folder, which the next export to the same DIR removes. DIR is never half
-written. Files: export_hf's (transformers' own: JSON and safetensors), the model card
+written. Files: export_hf's (transformers' own: JSON and safetensors; the tokenizer and
+image processor for every format), export_onnx's (one .onnx file per tower, each
+checked with onnxruntime before the folder is renamed into place), the model card
 README.md (``write_model_card``) and manifest.json, the sha256 of every other file
 (``write_manifest``).
 """
@@ -21,19 +24,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import signal
 import sys
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from megabatch.trainer.atomic_folder import FolderExists, atomic_folder
+from megabatch.trainer.atomic_write import PathExists, atomic_folder
 from megabatch.trainer.checkpoint import MODEL_STATES, Checkpoint, CheckpointError, read_checkpoint
 from megabatch.trainer.config import ConfigError, RunConfig, load_config
+from megabatch.trainer.errors import first_line
 from megabatch.trainer.resume import config_changes, latest_checkpoint, refused_changes
+from megabatch.trainer.stop_signals import sigterm_raises
 
-FORMATS = ("hf",)
-NOT_BUILT_YET = ("onnx",)
+FORMATS = ("hf", "onnx")
+DEFAULT_FORMATS = "hf,onnx"
 MANIFEST, CARD = "manifest.json", "README.md"
 
 
@@ -55,15 +60,20 @@ class ExportPlan:
 def add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
-        help="write a run's checkpoint as a Hugging Face (transformers) model folder",
+        help="write a run's checkpoint as a Hugging Face (transformers) and ONNX model folder",
         description="Write RUN's newest complete checkpoint (or --checkpoint PATH) as a "
-        "folder transformers loads with nothing of megabatch: CLIP as CLIPModel + "
-        "CLIPProcessor (tokenizer, image processor) with image_encoder/ and text_encoder/ "
-        "(CLIPVisionModelWithProjection, CLIPTextModelWithProjection); SimCLR as its "
-        "backbone without the projection head (AutoModel) + image processor. Adds a model "
-        "card (README.md) and manifest.json (sha256 of every file). Safetensors and JSON "
-        "only; written under a temporary name and renamed when complete. See "
-        "docs/export.md. Exit status: 0 written, 2 bad input.",
+        "folder that transformers and onnxruntime load with nothing of megabatch. hf: CLIP "
+        "as CLIPModel + CLIPProcessor (tokenizer, image processor) with image_encoder/ and "
+        "text_encoder/ (CLIPVisionModelWithProjection, CLIPTextModelWithProjection); SimCLR "
+        "as its backbone without the projection head (AutoModel) + image processor. onnx: "
+        "image_encoder/model.onnx (pixel_values -> image_embeds) and "
+        "text_encoder/model.onnx (input_ids, attention_mask -> text_embeds), unit vectors; "
+        "SimCLR's model.onnx (pixel_values -> features); the batch axis dynamic; each "
+        "checked against PyTorch with onnxruntime on held-out samples (the export fails, "
+        "writing nothing, beyond the tolerance). Adds a model card (README.md) and "
+        "manifest.json (sha256 of every file). Safetensors, ONNX and JSON only; written "
+        "under a temporary name and renamed when complete. See docs/export.md. Exit "
+        "status: 0 written, 2 bad input.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN")
     export.add_argument("--checkpoint", default="latest", metavar="latest|PATH",
@@ -71,9 +81,11 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
                         "was finite; or a checkpoint directory RUN/checkpoints/stepNNNNNNNN")  # fmt: skip
     export.add_argument("--out", type=Path, metavar="DIR",
                         help="the folder to write (default RUN/export/stepNNNNNNNN)")  # fmt: skip
-    export.add_argument("--format", default="hf", metavar="FORMATS",
-                        help="comma-separated formats; hf (the default) is the one built "
-                        "so far (onnx is not built yet)")  # fmt: skip
+    export.add_argument("--format", default=DEFAULT_FORMATS, metavar="FORMATS",
+                        help="comma-separated formats: hf (transformers: safetensors and "
+                        "JSON), onnx (one .onnx file per tower, checked against PyTorch "
+                        "with onnxruntime on held-out samples, so it needs readable "
+                        f"data.val or data.train shards); default {DEFAULT_FORMATS}")  # fmt: skip
     export.add_argument("--overwrite", action="store_true",
                         help="replace DIR if it exists (else an existing DIR is refused)")  # fmt: skip
     export.set_defaults(func=_cmd_export)
@@ -82,50 +94,28 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
         plan = plan_export(args.run_dir, args.checkpoint, args.out, args.format, args.overwrite)
-        with _stop_signals_raise():
+        with sigterm_raises():
             out = export(plan)
     except (ExportError, ConfigError, CheckpointError) as exc:
-        print(f"megabatch export: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"megabatch export: error: {first_line(exc)}", file=sys.stderr)
         return 2
     print(out)
     return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-@contextmanager
-def _stop_signals_raise():
-    """SIGTERM (a scheduler, ``kill``) raises SystemExit, so that the partial folder is
-    removed on the way out, as for Ctrl-C."""
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the plan
 def parse_formats(text: str) -> tuple[str, ...]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
-        raise ExportError("--format is empty (use hf)")
+        raise ExportError(f"--format is empty (use {DEFAULT_FORMATS}, hf or onnx)")
     for name in names:
-        if name in NOT_BUILT_YET:
-            raise ExportError(f"--format {name} is not built yet (only hf so far)")
         if name not in FORMATS:
             raise ExportError(f"unknown --format {name!r} (choose from {', '.join(FORMATS)})")
     return tuple(dict.fromkeys(names))
 
 
 def plan_export(run_dir: Path, checkpoint: str = "latest", out: Path | None = None,
-                formats: str = "hf", overwrite: bool = False) -> ExportPlan:  # fmt: skip
+                formats: str = DEFAULT_FORMATS, overwrite: bool = False) -> ExportPlan:  # fmt: skip
     """Every check that needs no weights read: format, run, checkpoint, DIR."""
     chosen = parse_formats(formats)
     run_dir = Path(run_dir)
@@ -156,38 +146,83 @@ def plan_export(run_dir: Path, checkpoint: str = "latest", out: Path | None = No
 
 # --------------------------------------------------------------------------- writing
 def export(plan: ExportPlan) -> Path:
-    """Write plan.out (atomically); returns it."""
-    from megabatch.trainer import export_hf
+    """Write plan.out (atomically); returns it. Everything that can fail before a file
+    is written (the weights, the held-out samples ONNX is checked on) is read first."""
+    from megabatch.trainer import export_onnx
     from megabatch.trainer.checkpoint import model_weights
-    from megabatch.trainer.data import image_config
 
     _quiet_transformers()
     module = model_weights(plan.checkpoint)
-    config, processor = plan.config, export_hf.image_processor(image_config(plan.config))
+    parts = _clip_parts(plan, module) if plan.config.task == "clip" else _simclr_parts(plan, module)
+    onnx = "onnx" in plan.formats
     try:
-        if config.task == "clip":
-            tokenizer = _tokenizer(config)
-            model = export_hf.clip_model(_clip_config(config, tokenizer), module,
-                                         config.loss.max_logit_scale)  # fmt: skip
-
-            def write(folder):
-                export_hf.write_clip(folder, model, export_hf.clip_tokenizer(tokenizer), processor)
-        else:
-            encoder = export_hf.simclr_encoder(config.model.preset, config.model.image_size,
-                                               module)  # fmt: skip
-
-            def write(folder):
-                export_hf.write_simclr(folder, encoder, processor)
-    except export_hf.WeightsMismatch as exc:
-        raise ExportError(f"{plan.checkpoint.path}: {exc}") from None
-    try:
+        samples = export_onnx.held_out_samples(plan.config, parts.tokenizer) if onnx else None
         with atomic_folder(plan.out, plan.overwrite) as folder:
-            write(folder)
+            parts.write_processors(folder)
+            if "hf" in plan.formats:
+                parts.write_weights(folder)
+            checks = {}
+            if onnx:
+                run = export_onnx.run_metadata(plan.config, plan.checkpoint.step, parts.logit_scale)
+                checks = export_onnx.write_onnx(folder, parts.onnx_towers(), samples, run)
             write_model_card(folder / CARD, plan)
-            write_manifest(folder, plan)
-    except FolderExists as exc:  # DIR appeared while we wrote
+            write_manifest(folder, plan, checks)
+    except PathExists as exc:  # DIR appeared while we wrote
+        raise ExportError(str(exc)) from None
+    except export_onnx.OnnxExportError as exc:  # the partial folder is gone by now
         raise ExportError(str(exc)) from None
     return plan.out
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """One task's pieces of the export, built from the weights before DIR is touched."""
+
+    write_processors: Callable[[Path], None]  # tokenizer, image processor: every format
+    write_weights: Callable[[Path], None]  # transformers' configs and safetensors: hf
+    onnx_towers: Callable[[], list]  # export_onnx.OnnxTower list: onnx
+    tokenizer: Any  # the run's CaptionTokenizer (CLIP), None (SimCLR)
+    logit_scale: float | None  # exp(t) as trained, clamped (CLIP)
+
+
+def _clip_parts(plan: ExportPlan, module: dict) -> _Parts:
+    from megabatch.trainer import export_hf, export_onnx
+    from megabatch.trainer.data import image_config
+
+    config = plan.config
+    tokenizer = _tokenizer(config)
+    try:
+        model = export_hf.clip_model(_clip_config(config, tokenizer), module,
+                                     config.loss.max_logit_scale)  # fmt: skip
+    except export_hf.WeightsMismatch as exc:
+        raise ExportError(f"{plan.checkpoint.path}: {exc}") from None
+    hf_tokenizer = export_hf.clip_tokenizer(tokenizer)
+    processor = export_hf.image_processor(image_config(config))
+    return _Parts(
+        write_processors=lambda folder: export_hf.write_clip_processors(folder, hf_tokenizer,
+                                                                        processor),
+        write_weights=lambda folder: export_hf.write_clip_model(folder, model),
+        onnx_towers=lambda: export_onnx.clip_onnx_towers(*export_hf.clip_towers(model)),
+        tokenizer=tokenizer, logit_scale=model.logit_scale.detach().exp().item(),
+    )  # fmt: skip
+
+
+def _simclr_parts(plan: ExportPlan, module: dict) -> _Parts:
+    from megabatch.trainer import export_hf, export_onnx
+    from megabatch.trainer.data import image_config
+
+    m = plan.config.model
+    try:
+        encoder = export_hf.simclr_encoder(m.preset, m.image_size, module)
+    except export_hf.WeightsMismatch as exc:
+        raise ExportError(f"{plan.checkpoint.path}: {exc}") from None
+    processor = export_hf.image_processor(image_config(plan.config))
+    return _Parts(
+        write_processors=lambda folder: export_hf.write_simclr_processor(folder, processor),
+        write_weights=lambda folder: export_hf.write_simclr_model(folder, encoder),
+        onnx_towers=lambda: export_onnx.simclr_onnx_towers(encoder),
+        tokenizer=None, logit_scale=None,
+    )  # fmt: skip
 
 
 def _quiet_transformers() -> None:
@@ -218,9 +253,10 @@ def _clip_config(config: RunConfig, tokenizer):
 
 
 # --------------------------------------------------------------------------- card, manifest
-def write_manifest(folder: Path, plan: ExportPlan) -> None:
+def write_manifest(folder: Path, plan: ExportPlan, onnx_checks: dict | None = None) -> None:
     """manifest.json: where the export came from and the sha256 and size of every other
-    file under ``folder`` (paths relative, with /)."""
+    file under ``folder`` (paths relative, with /); with ONNX, what each file's check
+    against PyTorch measured (export_onnx.check_file)."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
@@ -237,6 +273,8 @@ def write_manifest(folder: Path, plan: ExportPlan) -> None:
         "checkpoint": str(plan.checkpoint.path), "step": plan.checkpoint.step,
         "files": files,
     }  # fmt: skip
+    if onnx_checks:
+        manifest["onnx_checks"] = onnx_checks
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -255,7 +293,8 @@ def write_model_card(path: Path, plan: ExportPlan) -> None:
     lines = [
         "---",
         "library_name: transformers",
-        f"tags: [megabatch, {config.task}, contrastive]",
+        f"tags: [megabatch, {config.task}, contrastive"
+        + (", onnx]" if "onnx" in plan.formats else "]"),
         "---",
         "",
         f"# {config.task.upper()} {m.preset} ({plan.run_dir.name}, step {ckpt.step})",
@@ -275,7 +314,7 @@ def write_model_card(path: Path, plan: ExportPlan) -> None:
         f"- engine: ZeRO stage {config.engine.zero_stage}, {config.engine.precision}; "
         + (
             "exported in float32"
-            if config.engine.precision == "fp32" or config.engine.zero_stage == 0
+            if config.engine.precision == "fp32"
             else "exported in float32: the optimizer's master weights"
         ),
         "",
@@ -304,7 +343,11 @@ def write_model_card(path: Path, plan: ExportPlan) -> None:
             'token; call the tokenizer with `padding="max_length", truncation=True`. The '
             "text feature is the end token's final state, projected.",
         ]
-    lines += ["", "## Loading", "", "```python", *_snippet(clip), "```", ""]
+    lines += ["", "## Loading", ""]
+    if "hf" in plan.formats:
+        lines += ["With transformers:", "", "```python", *_snippet(clip), "```", ""]
+    if "onnx" in plan.formats:
+        lines += _onnx_card(config)
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -352,4 +395,87 @@ def _snippet(clip: bool) -> list[str]:
         "with torch.no_grad():",
         "    out = model(**inputs)",
         "features = out.pooler_output.flatten(1)  # ResNet; ViT: out.last_hidden_state[:, 0]",
+    ]
+
+
+def _onnx_card(config: RunConfig) -> list[str]:
+    """The card's ONNX part: the files' inputs and outputs, the check, a snippet."""
+    from megabatch.trainer.export_onnx import TOLERANCE, short_number
+
+    m, width = config.model, _output_width(config)
+    pixels = f"`pixel_values` float32 (batch, 3, {m.image_size}, {m.image_size})"
+    tokens = f"int64 (batch, {m.context_length})"
+    if config.task == "clip":
+        rows = [f"| `image_encoder/model.onnx` | {pixels} | `image_embeds` float32 (batch, "
+                f"{width}), L2-normalised |",
+                f"| `text_encoder/model.onnx` | `input_ids` {tokens}, `attention_mask` {tokens} "
+                f"| `text_embeds` float32 (batch, {width}), L2-normalised |"]  # fmt: skip
+    else:
+        rows = [f"| `model.onnx` | {pixels} | `features` float32 (batch, {width}), not "
+                "normalised (what the linear probe reads) |"]  # fmt: skip
+    return [
+        "With onnxruntime (no torch needed; transformers only for the image processor and "
+        "tokenizer):",
+        "",
+        "| file | inputs | output |",
+        "|---|---|---|",
+        *rows,
+        "",
+        "The batch axis is dynamic; the other sizes are fixed. Each file's metadata "
+        "(`custom_metadata_map`) holds the run's preprocessing, the step"
+        + (" and the trained logit scale" if config.task == "clip" else "")
+        + ". Checked during the export against PyTorch on held-out samples (manifest.json, "
+        f"`onnx_checks`): at most {short_number(TOLERANCE)} apart (float32; relative to "
+        "the largest output where that exceeds 1).",
+        "",
+        "```python",
+        *_onnx_snippet(config.task == "clip"),
+        "```",
+        "",
+    ]
+
+
+def _output_width(config: RunConfig) -> int:
+    """D of the ONNX outputs: CLIP's embedding, SimCLR's backbone features."""
+    from megabatch.trainer.models.clip import CLIP_PRESETS
+    from megabatch.trainer.models.simclr import encoder_config
+
+    m = config.model
+    if config.task == "clip":
+        return m.embed_dim or CLIP_PRESETS[m.preset].embed_dim
+    encoder = encoder_config(m.preset, m.image_size)
+    return encoder.hidden_sizes[-1] if encoder.model_type == "resnet" else encoder.hidden_size
+
+
+def _onnx_snippet(clip: bool) -> list[str]:
+    if clip:
+        return [
+            "import numpy as np",
+            "import onnxruntime as ort",
+            "from PIL import Image",
+            "from transformers import AutoImageProcessor, AutoTokenizer",
+            "",
+            'image_tower = ort.InferenceSession("DIR/image_encoder/model.onnx")',
+            'text_tower = ort.InferenceSession("DIR/text_encoder/model.onnx")',
+            'processor = AutoImageProcessor.from_pretrained("DIR/image_encoder")',
+            'tokenizer = AutoTokenizer.from_pretrained("DIR/text_encoder")',
+            'pixels = processor(images=[Image.open("dog.jpg")], return_tensors="np")',
+            'text = tokenizer(["a photo of a dog"], padding="max_length", truncation=True,',
+            '                 return_tensors="np")',
+            '(image_embeds,) = image_tower.run(["image_embeds"],',
+            '                                  {"pixel_values": pixels["pixel_values"]})',
+            '(text_embeds,) = text_tower.run(["text_embeds"], {k: text[k].astype(np.int64)',
+            '                                for k in ("input_ids", "attention_mask")})',
+            'scale = float(image_tower.get_modelmeta().custom_metadata_map["logit_scale"])',
+            "logits = scale * image_embeds @ text_embeds.T  # unit vectors: cosine x scale",
+        ]
+    return [
+        "import onnxruntime as ort",
+        "from PIL import Image",
+        "from transformers import AutoImageProcessor",
+        "",
+        'session = ort.InferenceSession("DIR/model.onnx")',
+        'processor = AutoImageProcessor.from_pretrained("DIR")',
+        'pixels = processor(images=[Image.open("photo.jpg")], return_tensors="np")',
+        '(features,) = session.run(["features"], {"pixel_values": pixels["pixel_values"]})',
     ]

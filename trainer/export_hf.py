@@ -146,19 +146,28 @@ def image_processor(image: ImageConfig):
     )  # fmt: skip
 
 
-def write_clip(folder: Path, model, tokenizer, processor) -> None:
-    """DIR: CLIPModel + tokenizer + preprocessor_config.json; DIR/image_encoder and
-    DIR/text_encoder: the single towers, each with what it needs to read its input."""
-    model.save_pretrained(folder)
+# The files that read the inputs are written for every format (ONNX files sit beside
+# them); the transformers weights and configs only for --format hf.
+def write_clip_processors(folder: Path, tokenizer, processor) -> None:
+    """DIR: tokenizer + preprocessor_config.json; DIR/image_encoder the latter,
+    DIR/text_encoder the former: what each tower needs to read its input."""
     tokenizer.save_pretrained(folder)
     processor.save_pretrained(folder)
-    vision, text = clip_towers(model)
-    vision.save_pretrained(folder / IMAGE_ENCODER)
     processor.save_pretrained(folder / IMAGE_ENCODER)
-    text.save_pretrained(folder / TEXT_ENCODER)
     tokenizer.save_pretrained(folder / TEXT_ENCODER)
 
 
-def write_simclr(folder: Path, encoder, processor) -> None:
-    encoder.save_pretrained(folder)
+def write_clip_model(folder: Path, model) -> None:
+    """DIR: CLIPModel; DIR/image_encoder and DIR/text_encoder: the single towers."""
+    model.save_pretrained(folder)
+    vision, text = clip_towers(model)
+    vision.save_pretrained(folder / IMAGE_ENCODER)
+    text.save_pretrained(folder / TEXT_ENCODER)
+
+
+def write_simclr_processor(folder: Path, processor) -> None:
     processor.save_pretrained(folder)
+
+
+def write_simclr_model(folder: Path, encoder) -> None:
+    encoder.save_pretrained(folder)

@@ -7,7 +7,8 @@ the training loop: save at the end of the step, exit 75."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_REQUEUE = 75
@@ -41,3 +42,19 @@ class StopSignals:
         self.received = self.received or signal.Signals(signum).name
         if self.on_receive is not None:
             self.on_receive()
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """For the commands that write one thing atomically (export, embed) and have no step
+    to finish: SIGTERM (a scheduler, ``kill``) raises SystemExit(143), so that the
+    partial file or folder is removed on the way out, as for Ctrl-C."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

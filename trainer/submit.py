@@ -21,7 +21,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from megabatch.trainer.atomic_folder import atomic_folder
+from megabatch.trainer.atomic_write import atomic_folder
 from megabatch.trainer.commands import add_config_arguments, config_argument
 from megabatch.trainer.config import ConfigError, RunConfig, config_text, dump_config, load_config
 from megabatch.trainer.submission import SubmitError

@@ -1,6 +1,6 @@
 """A downstream team's side of ``megabatch export``, run as a script by test_export.py:
-transformers, PIL and NumPy only. megabatch cannot be imported here (a meta-path finder
-refuses ``megabatch`` and everything under it, checked before anything else runs).
+transformers, PIL and NumPy only. megabatch cannot be imported here (blocked_imports.py
+blocks it and everything under it, checked before anything else runs).
 
     python export_consumer.py clip|simclr DIR INPUTS OUT
 
@@ -9,26 +9,13 @@ model inputs for them (pixels.npy, tokens.npy, mask.npy); OUT gets .npy arrays o
 transformers makes of them.
 """
 
-import importlib.abc
 import json
 import sys
 from pathlib import Path
 
+from blocked_imports import block
 
-class _NoMegabatch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "megabatch" or name.startswith("megabatch."):
-            raise ImportError(f"{name} is blocked: the export must load without megabatch")
-        return None
-
-
-sys.meta_path.insert(0, _NoMegabatch())
-try:
-    import megabatch  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("megabatch is importable: the check is void")
+block("megabatch")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

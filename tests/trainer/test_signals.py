@@ -82,3 +82,17 @@ def test_a_stale_extension_build_lock_does_not_block_a_start(data, tmp_path):
     proc = train(overrides(data, tmp_path / "run", **extra), timeout=100,
                  TORCH_EXTENSIONS_DIR=str(extensions))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_sigterm_raises_unwinds_a_one_shot_command_and_puts_the_handler_back():
+    """export and embed: SIGTERM raises SystemExit(143) in the block, so that their
+    partial output is removed on the way out; after it, the previous handler is back."""
+    import pytest
+
+    from megabatch.trainer.stop_signals import sigterm_raises
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_, sigterm_raises():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

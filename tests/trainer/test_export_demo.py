@@ -1,0 +1,167 @@
+"""The demo model's export, end to end: a demo-sized CLIP run on the built-in digits
+(the demo preset, shortened), exported; zero-shot classification of the held-out digits
+from the export alone (transformers, and onnxruntime), in a process where megabatch
+cannot be imported (zero_shot_consumer.py), gives the trainer's prediction for every
+image and so exactly the top-1 `megabatch eval` reports for the same checkpoint; and an
+export killed outright (SIGKILL) leaves no folder.
+
+Exact, not close: the demo's 48 x 48 digits reach the model through the same PIL resize
+in the trainer's loader and in the exported CLIPImageProcessor (docs/export.md,
+"Preprocessing"), so the pixels are equal, and the embeddings differ by float32 rounding
+only (about 1e-7), far below the margins between classes of a trained model.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.runs import ROOT, env
+
+CONSUMER = Path(__file__).with_name("zero_shot_consumer.py")
+STEPS = 60  # zero-shot top-1 about 0.28 on 10 classes: well above chance, ties unlikely
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*argv, timeout=200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megabatch.trainer.cli", *map(str, argv)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """The demo preset on the digits, one rank, STEPS steps of 64 pairs, evaluated and
+    checkpointed at the end."""
+    from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer, captions_from_shards
+    from megabatch.data_pipeline.write.demo import write_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    digits = root / "digits"
+    write_demo(digits)
+    captions = list(captions_from_shards(str(digits / "train")))
+    CaptionTokenizer.train(captions, vocab_size=1000).save(digits / "tokenizer.json")
+    run = root / "run"
+    proc = _cli("train", "preset=demo-clip", f"run_dir={run}", f"data.train={digits / 'train'}",
+                f"data.val={digits / 'val'}", f"data.tokenizer={digits / 'tokenizer.json'}",
+                "data.num_workers=0", "batch.accumulation_steps=1", "optim.warmup_steps=10",
+                f"train.max_steps={STEPS}", f"train.eval_every={STEPS}",
+                f"train.checkpoint_every_steps={STEPS}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def _held_out(run: Path, inputs: Path) -> list[int]:
+    """The held-out images as stored, in the order evaluation reads them (its loader's),
+    with labels and the zero-shot files evaluation uses; returns the labels."""
+    from megabatch.data_pipeline.read.loader import ShardLoader
+    from megabatch.trainer.config import load_config
+    from megabatch.trainer.data import loader_config
+    from megabatch.trainer.eval_run import _zero_shot_files
+
+    config = load_config(run / "config.yaml", [f"run_dir={run}"])
+    loader = ShardLoader(loader_config(config, config.data.val, captions=False, evaluation=True))
+    keys, labels = [], []
+    for batch in loader:
+        keys += batch.keys
+        labels += [m["label"] for m in batch.meta]
+    stored = {}
+    for shard in sorted(Path(config.data.val).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                stored[f"{shard.name}#{member.name}"] = tar.extractfile(member).read()
+    inputs.mkdir()
+    for i, key in enumerate(keys[: config.data.eval_max_samples]):
+        url, name = key.rsplit("#", 1)
+        ((member, data),) = [(m, d) for m, d in stored.items()
+                             if m.startswith(f"{Path(url).name}#{name}.") and m.endswith((".jpg", ".png"))]  # fmt: skip
+        (inputs / f"{i:04d}{Path(member).suffix}").write_bytes(data)
+    classnames, templates = _zero_shot_files(config)
+    (inputs / "classnames.json").write_text(classnames.read_text())
+    (inputs / "templates.json").write_text(templates.read_text())
+    (inputs / "labels.json").write_text(json.dumps(labels[: config.data.eval_max_samples]))
+    return labels
+
+
+def _trainer_predictions(run: Path) -> list[int]:
+    """Each held-out image's zero-shot class as evaluation computes it (its loader, its
+    class embeddings), from the newest checkpoint's weights."""
+    import torch
+    import torch.nn.functional as F
+
+    from megabatch.trainer import evaluation
+    from megabatch.trainer.config import load_config
+    from megabatch.trainer.data import load_tokenizer
+    from megabatch.trainer.eval_run import _encode, _zero_shot_files
+    from megabatch.trainer.tasks import make_task
+    from tests.trainer.runs import weights
+
+    config = load_config(run / "config.yaml", [f"run_dir={run}"])
+    tokenizer = load_tokenizer(config)
+    task = make_task(config, torch.device("cpu"), 1, tokenizer)
+    model = task.build_model()
+    model.load_state_dict(weights(sorted((run / "checkpoints").glob("step*"))[-1]))
+    model.eval()
+    classnames, templates = (json.loads(p.read_text()) for p in _zero_shot_files(config))
+    with torch.no_grad():
+        images, _, _ = _encode(task, model, config.data.val, config, want_text=False)
+        classes = evaluation.class_embeddings(lambda t, m: model.encode_text(t, m).float(),
+                                              tokenizer, classnames, templates)  # fmt: skip
+    return (F.normalize(images, dim=-1) @ classes.T).argmax(dim=1).tolist()
+
+
+def _zero_shot(backend: str, folder: Path, inputs: Path) -> dict:
+    clean = {k: v for k, v in env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(CONSUMER), backend, str(folder), str(inputs)],
+                          cwd=inputs, env=clean, capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_zero_shot_from_the_export_alone_equals_megabatch_eval(demo_run, tmp_path):
+    evaluated = _cli("eval", demo_run)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    reported = json.loads(evaluated.stdout)["zeroshot_top1"]
+    assert reported > 0.2  # trained: chance is 0.1
+
+    folder = tmp_path / "export"
+    exported = _cli("export", demo_run, "--out", folder, "--format", "hf,onnx")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    labels = _held_out(demo_run, tmp_path / "inputs")
+    trainer = _trainer_predictions(demo_run)
+    for backend in ("hf", "onnx"):
+        result = _zero_shot(backend, folder, tmp_path / "inputs")
+        assert result["predictions"] == trainer, backend
+        correct = round(result["top1"] * len(labels))
+        assert correct == round(reported * len(labels)), (backend, result["top1"], reported)
+
+
+def test_an_export_killed_outright_leaves_no_folder(demo_run, tmp_path):
+    """SIGKILL while the files are written: DIR never appears, only the hidden partial
+    folder stays, and the next export to DIR removes it."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "megabatch.trainer.cli", "export", str(demo_run),
+               "--out", str(out), "--format", "hf,onnx"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    partial = tmp_path / f".out.partial-{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert partial.exists(), "the export never started writing"
+    time.sleep(0.2)  # into the model files
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [partial.name]
+    assert any(partial.rglob("*")), "killed before it wrote anything: the check is void"
+
+    again = _cli("export", demo_run, "--out", out, "--format", "hf")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
