@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megabatch.trainer.errors import first_line
+from megabatch.trainer.console import first_line
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -248,9 +248,13 @@ _DEEPSPEED_TYPES = (
 def load_weights_only(path: Path, map_location=None):
     """``torch.load`` that runs no code from the file: weights_only, with DeepSpeed's
     plain types allowed. Anything else is a CheckpointError naming the file."""
-    import importlib
-
-    allowed = [getattr(importlib.import_module(m), n) for m, n in _DEEPSPEED_TYPES]
+    try:
+        # Only the types this file holds: a module file needs none, and then DeepSpeed
+        # (slow to import, and noisy where it finds no GPU) is not imported at all.
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: torch.load says why below
+        needed = set()
+    allowed = [_deepspeed_type(m, n) for m, n in _DEEPSPEED_TYPES if f"{m}.{n}" in needed]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -265,6 +269,12 @@ def load_weights_only(path: Path, map_location=None):
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from None
+
+
+def _deepspeed_type(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def _weights_only_engine(config_params):

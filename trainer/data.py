@@ -12,7 +12,7 @@ from megabatch.data_pipeline.read.loader import LoaderConfig
 from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.data_pipeline.read.transforms import ImageConfig
 from megabatch.trainer.config import ConfigError, RunConfig
-from megabatch.trainer.errors import first_line
+from megabatch.trainer.console import first_line
 
 # Evaluation reads each held-out sample once, in order, in the main process (rank 0 alone
 # evaluates, while the other ranks wait: worker processes would only add start-up time).

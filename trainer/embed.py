@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from megabatch.trainer.atomic_write import PathExists, atomic_file
+from megabatch.trainer.console import first_line, quiet_libraries
 from megabatch.trainer.embed_models import (
     Encoder,
     Export,
@@ -42,7 +43,6 @@ from megabatch.trainer.embed_sources import (
     shards,
     skip_summary,
 )
-from megabatch.trainer.errors import first_line
 from megabatch.trainer.stop_signals import sigterm_raises
 
 DEFAULT_BATCH_SIZE = 64
@@ -162,7 +162,7 @@ def _source(export: Export, spec: str | None, images: Path | None,
 # --------------------------------------------------------------------------- embedding
 def embed(plan: EmbedPlan) -> int:
     """Write plan.out (atomically); returns the rows written."""
-    _quiet_transformers()
+    quiet_libraries()
     encoder = load_encoder(plan.export, plan.columns, plan.onnx)
     source = plan.source
     try:
@@ -213,15 +213,6 @@ def _metadata(plan: EmbedPlan, encoder: Encoder) -> dict:
         "backend": encoder.backend, "device": encoder.device,
         "columns": {c: {"normalized": c != "features"} for c in plan.columns},
     }  # fmt: skip
-
-
-def _quiet_transformers() -> None:
-    """No weight-loading bars or notices on stderr: ours are the progress bar, the
-    warnings about skipped inputs, the summary."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------- progress

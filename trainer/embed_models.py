@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megabatch.trainer.console import first_line
 from megabatch.trainer.embed_sources import EmbedError
-from megabatch.trainer.errors import first_line
 
 IMAGE_ENCODER, TEXT_ENCODER = "image_encoder", "text_encoder"  # as export_hf writes them
 ONNX_FILE = "model.onnx"

@@ -33,7 +33,7 @@ from typing import Any
 from megabatch.trainer.atomic_write import PathExists, atomic_folder
 from megabatch.trainer.checkpoint import MODEL_STATES, Checkpoint, CheckpointError, read_checkpoint
 from megabatch.trainer.config import ConfigError, RunConfig, load_config
-from megabatch.trainer.errors import first_line
+from megabatch.trainer.console import first_line, quiet_libraries
 from megabatch.trainer.resume import config_changes, latest_checkpoint, refused_changes
 from megabatch.trainer.stop_signals import sigterm_raises
 
@@ -151,7 +151,7 @@ def export(plan: ExportPlan) -> Path:
     from megabatch.trainer import export_onnx
     from megabatch.trainer.checkpoint import model_weights
 
-    _quiet_transformers()
+    quiet_libraries()
     module = model_weights(plan.checkpoint)
     parts = _clip_parts(plan, module) if plan.config.task == "clip" else _simclr_parts(plan, module)
     onnx = "onnx" in plan.formats
@@ -223,15 +223,6 @@ def _simclr_parts(plan: ExportPlan, module: dict) -> _Parts:
         onnx_towers=lambda: export_onnx.simclr_onnx_towers(encoder),
         tokenizer=None, logit_scale=None,
     )  # fmt: skip
-
-
-def _quiet_transformers() -> None:
-    """No progress bars or backend notices on stderr: the command's output is DIR, or
-    one error line."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _tokenizer(config: RunConfig):

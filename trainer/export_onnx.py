@@ -46,8 +46,8 @@ from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.data_pipeline.read.transforms import device_preprocess
 from megabatch.trainer import __version__
 from megabatch.trainer.config import RunConfig
+from megabatch.trainer.console import first_line
 from megabatch.trainer.data import image_config, loader_config
-from megabatch.trainer.errors import first_line
 
 ONNX_FILE = "model.onnx"
 # fp32, onnxruntime against PyTorch, on the same inputs: max |difference| <= TOLERANCE *

@@ -1,5 +1,5 @@
-"""The trainer tests' tiny shard set and one finished run, built once per session
-(tests/trainer/runs.py). Tests that change a run work on a copy of it."""
+"""The trainer tests' tiny shard set and two finished runs (CLIP, SimCLR), built once per
+session (tests/trainer/runs.py). Tests that change a run work on a copy of it."""
 
 import pytest
 
@@ -17,5 +17,14 @@ def zero2_run(data, tmp_path_factory):
     checkpoint at step 2."""
     run = tmp_path_factory.mktemp("zero2") / "run"
     proc = train(overrides(data, run, **ZERO2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def simclr_run(data, tmp_path_factory):
+    """A SimCLR run like zero2_run: tiny ResNet, one rank, ZeRO 2, 2 steps."""
+    run = tmp_path_factory.mktemp("simclr") / "run"
+    proc = train(overrides(data, run, task="simclr", **{"model.preset": "tiny-resnet", **ZERO2}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run

@@ -63,6 +63,16 @@ def evaluate(run_dir: Path, *more, timeout=100) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
+def consume(script: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """A downstream team's script (export_consumer.py and the like, which block megabatch
+    themselves: blocked_imports.py), run without this checkout on the path; exit 0."""
+    clean = {k: v for k, v in env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=clean,
+                          capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def weights(checkpoint: Path) -> dict:
     """The model's weights as saved (our own test files: a full load is fine here)."""
     state = torch.load(checkpoint / "state" / "mp_rank_00_model_states.pt", weights_only=False)

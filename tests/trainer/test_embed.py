@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from megabatch.trainer.cli import main
-from tests.trainer.runs import ROOT, ZERO2, env, overrides, train
+from tests.trainer.runs import ROOT, env
 
 TOL = 1e-5
 ONNX_TOL = 1e-5
@@ -49,11 +49,8 @@ def clip_export(zero2_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def simclr_export(data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("embed-simclr") / "run"
-    proc = train(overrides(data, run, task="simclr", **{"model.preset": "tiny-resnet", **ZERO2}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return _export(run, run.parent / "export")
+def simclr_export(simclr_run, tmp_path_factory):
+    return _export(simclr_run, tmp_path_factory.mktemp("embed-simclr") / "export")
 
 
 def _embed(capsys, *argv) -> tuple[int, str, list[str]]:

@@ -30,7 +30,7 @@ import yaml
 from megabatch.trainer import export as export_module
 from megabatch.trainer.checkpoint import MODEL_STATES
 from megabatch.trainer.cli import main
-from tests.trainer.runs import ROOT, ZERO2, env, errors, overrides, train, weights
+from tests.trainer.runs import ROOT, ZERO2, consume, env, errors, overrides, train, weights
 
 CONSUMER = Path(__file__).with_name("export_consumer.py")
 TOL = 1e-5
@@ -96,10 +96,7 @@ def _trainer_side(run: Path, checkpoint: Path, inputs: Path) -> dict:
 
 def _consume(task: str, folder: Path, inputs: Path, out: Path) -> dict:
     out.mkdir()
-    clean = {k: v for k, v in env().items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(CONSUMER), task, str(folder), str(inputs), str(out)],
-                          cwd=out, env=clean, capture_output=True, text=True, timeout=100)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    consume(CONSUMER, task, folder, inputs, out, cwd=out)
     return {p.stem: np.load(p) for p in out.glob("*.npy")}
 
 
@@ -173,14 +170,6 @@ def test_clip_export_holds_no_pickle_a_card_and_a_manifest(zero2_run, clip_expor
 
 
 # --------------------------------------------------------------------------- SimCLR
-@pytest.fixture(scope="module")
-def simclr_run(data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("simclr") / "run"
-    proc = train(overrides(data, run, task="simclr", **{"model.preset": "tiny-resnet", **ZERO2}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
-
-
 def test_simclr_export_is_the_backbone_that_the_probe_reads(simclr_run, tmp_path):
     folder = tmp_path / "simclr"
     proc = _export(simclr_run, "--out", str(folder), "--format", "hf")

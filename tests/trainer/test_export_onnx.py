@@ -16,8 +16,6 @@ the same bound.
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ import yaml
 
 from megabatch.trainer import export_onnx
 from megabatch.trainer.cli import main
-from tests.trainer.runs import ZERO2, env, overrides, train, weights
+from tests.trainer.runs import consume, weights
 from tests.trainer.test_export import _export, _max_diff, _newest, _trainer_side
 
 CONSUMER = Path(__file__).with_name("onnx_consumer.py")
@@ -36,10 +34,7 @@ PICKLES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 def _consume(task: str, folder: Path, inputs: Path, out: Path) -> tuple[dict, dict]:
     out.mkdir()
-    clean = {k: v for k, v in env().items() if k != "PYTHONPATH"}
-    argv = [sys.executable, str(CONSUMER), task, str(folder), str(inputs), str(out)]
-    proc = subprocess.run(argv, cwd=out, env=clean, capture_output=True, text=True, timeout=100)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    consume(CONSUMER, task, folder, inputs, out, cwd=out)
     arrays = {p.stem: np.load(p) for p in out.glob("*.npy")}
     return arrays, json.loads((out / "files.json").read_text())
 
@@ -167,14 +162,6 @@ def test_onnx_alone_writes_the_processors_and_no_weights_of_transformers(
 
 
 # --------------------------------------------------------------------------- SimCLR
-@pytest.fixture(scope="module")
-def simclr_run(data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("simclr_onnx") / "run"
-    proc = train(overrides(data, run, task="simclr", **{"model.preset": "tiny-resnet", **ZERO2}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
-
-
 def test_simclr_onnx_gives_the_features_the_probe_reads(simclr_run, tmp_path):
     folder = _exported(simclr_run, tmp_path / "simclr", "hf,onnx")
     trainer = _trainer_side(simclr_run, _newest(simclr_run), tmp_path / "inputs")

@@ -2,10 +2,11 @@
 folder alone, run as a script by test_export_demo.py: transformers (or onnxruntime),
 PIL and NumPy; megabatch cannot be imported here (checked before anything else runs).
 
-    python zero_shot_consumer.py hf|onnx DIR INPUTS
+    python zero_shot_consumer.py hf|onnx DIR INPUTS OUT
 
 INPUTS holds the held-out images (NNNN.* in the order to classify), labels.json,
-classnames.json and templates.json. Prints {"top1": ..., "predictions": [...]} as JSON.
+classnames.json and templates.json. Prints {"top1": ..., "predictions": [...]} as JSON
+and writes OUT/image_embeds.npy and OUT/classes.npy (the unit vectors it compared).
 
 The classifier is CLIP's prompt ensemble, as megabatch's evaluation builds it: each
 class's prompts (templates filled with its name) embedded, each embedding normalised,
@@ -74,7 +75,7 @@ def _onnx_embedders(folder: Path):
     return images, texts
 
 
-def main(backend: str, folder: Path, inputs: Path) -> None:
+def main(backend: str, folder: Path, inputs: Path, out: Path) -> None:
     embed_images, embed_texts = {"hf": _hf_embedders, "onnx": _onnx_embedders}[backend](folder)
     classnames = json.loads((inputs / "classnames.json").read_text())
     templates = json.loads((inputs / "templates.json").read_text())
@@ -84,10 +85,12 @@ def main(backend: str, folder: Path, inputs: Path) -> None:
     image_embeds = np.concatenate([embed_images([Image.open(p) for p in paths[i : i + 64]])
                                    for i in range(0, len(paths), 64)])  # fmt: skip
     predictions = (_unit(image_embeds) @ classes.T).argmax(axis=1)
+    np.save(out / "image_embeds.npy", _unit(image_embeds))
+    np.save(out / "classes.npy", classes)
     labels = np.array(json.loads((inputs / "labels.json").read_text()))
     print(json.dumps({"top1": float((predictions == labels).mean()),
                       "predictions": predictions.tolist()}))  # fmt: skip
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
