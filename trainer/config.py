@@ -113,6 +113,8 @@ class EngineConfig:
 
 @dataclass
 class LossConfig:
+    name: Literal["infonce", "ntxent"] | None = None
+    """The loss (trainer/losses.py); None: the task's own (clip: infonce, simclr: ntxent)."""
     init_logit_scale: float = 1 / 0.07
     """CLIP's initial logit multiplier (the paper's 1 / 0.07)."""
     max_logit_scale: float = 100.0

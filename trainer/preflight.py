@@ -13,6 +13,7 @@ from pathlib import Path
 from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.trainer.config import ConfigError, RunConfig
 from megabatch.trainer.data import load_tokenizer
+from megabatch.trainer.losses import check_loss
 from megabatch.trainer.resume import ResumePlan, plan_resume
 from megabatch.trainer.tasks import TASKS
 
@@ -45,6 +46,7 @@ def check_config(config: RunConfig, world_size: int, for_eval: bool = False,
     there is not an error (a Kubernetes submission, whose pods see other files than the
     submitting machine); the model is then checked without its vocabulary."""
     config.validate(world_size)
+    check_loss(config)
     if not for_eval and config.data.train is None:
         raise ConfigError("data.train is required: the training shards")
     task = TASKS[config.task]

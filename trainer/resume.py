@@ -35,7 +35,7 @@ from megabatch.trainer.config import ConfigError, RunConfig, plain_dict
 
 REFUSED = (
     "task", "seed", "model.", "batch.micro_batch_size", "batch.accumulation_steps",
-    "loss.temperature", "loss.max_logit_scale", "data.train", "data.num_workers",
+    "loss.name", "loss.temperature", "loss.max_logit_scale", "data.train", "data.num_workers",
     "data.shuffle_block", "data.resampled", "data.tokenizer", "optim.name",
     "engine.zero_stage", "engine.precision",
 )  # fmt: skip
@@ -114,11 +114,15 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 def config_changes(checkpoint: Checkpoint, config: RunConfig) -> list[Change]:
     """Every key whose value differs between the config that wrote ``checkpoint`` and
-    ``config`` (none for a checkpoint written before configs were recorded)."""
+    ``config`` (none for a checkpoint written before configs were recorded). A key the
+    old config lacks (added to megabatch since) and that ``config`` leaves at its default
+    is no change: a new key's default is the behaviour from before it existed."""
     old = checkpoint.meta.get("config")
     if not isinstance(old, dict):
         return []
-    return _differences(_flatten(old), _flatten(plain_dict(config)))
+    defaults = _flatten(plain_dict(RunConfig()))
+    return [c for c in _differences(_flatten(old), _flatten(plain_dict(config)))
+            if not (c.old is _ABSENT and c.key in defaults and c.new == defaults[c.key])]  # fmt: skip
 
 
 def refused_changes(changes: list[Change], for_eval: bool = False) -> list[Change]:

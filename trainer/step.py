@@ -4,8 +4,9 @@ GradCache method (Gao et al., 2021).
 1. Forward every micro-batch without grad; keep the features (A x m rows per rank) and
    the random state each forward started from.
 2. Compute the loss on all of them at once (the fused kernels gather the other ranks'
-   rows), with the features and the logit scale as leaves: their gradients, and the
-   global loss, come out. Nothing of the towers' activations is alive at this point.
+   rows), with the features and the learnt loss parameters (CLIP's logit scale,
+   SigLIP's scale and bias) as leaves: their gradients, and the global loss, come out.
+   Nothing of the towers' activations is alive at this point.
 3. Re-run each micro-batch with grad from its saved random state (same augmentation,
    same dropout) and back-propagate the cached feature gradients through it:
    ``surrogate = sum(features * cached_grad)`` has exactly those gradients.
@@ -13,8 +14,8 @@ GradCache method (Gao et al., 2021).
 Scaling: DeepSpeed divides each backward by the accumulation steps A and averages
 gradients over the W ranks. Each rank's surrogate carries only its own rows' share of
 the parameter gradient (the global gradient is the sum over ranks), so its feature part
-is multiplied by A x W; the logit scale's gradient is already the global one on every
-rank, so its part is multiplied by A alone.
+is multiplied by A x W; the loss parameters' gradients are already the global ones on
+every rank, so their part is multiplied by A alone.
 """
 
 from __future__ import annotations
@@ -28,72 +29,76 @@ import torch
 @dataclass
 class StepResult:
     loss: torch.Tensor  # the global loss, 0-dim, on the device
-    logit_scale: torch.Tensor | None
+    loss_params: dict[str, torch.Tensor]  # the learnt loss parameters it used, detached
     skipped: bool = False  # the loss was not finite: no update was made
 
 
 def gradcache_step(
     engine,
     micro_batches: Sequence,
-    encode: Callable,
-    loss_fn: Callable,
-    scale_fn: Callable | None,
+    encode: Callable[..., dict[str, torch.Tensor]],
+    loss_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor],
+    params_fn: Callable[..., dict[str, torch.Tensor]],
     world_size: int,
     skip_nonfinite: bool = False,
 ) -> StepResult:
-    """encode(model, micro_batch) -> (a, b) features of the micro-batch's rows;
-    loss_fn(a_all, b_all, scale) -> global loss; scale_fn(model) -> the logit scale with
-    grad (CLIP) or None (a fixed temperature). With skip_nonfinite, a non-finite global
-    loss (the same on every rank) skips the re-runs and the update: the step's one host
-    sync, taken before any backward work is queued."""
+    """encode(model, micro_batch) -> named features of the micro-batch's rows, each
+    (B, D) ({"image": ..., "text": ...}, {"view1": ..., "view2": ...}); loss_fn(features,
+    params) -> the global loss of every micro-batch's features (name -> (A B, D)) and the
+    learnt loss parameters; params_fn(model) -> those parameters with grad, by name
+    ({"logit_scale": ...}, with SigLIP's "logit_bias"; {} for a fixed temperature). With
+    skip_nonfinite, a non-finite global loss (the same on every rank) skips the re-runs
+    and the update: the step's one host sync, taken before any backward work is queued."""
     model = engine.module
     accumulation = len(micro_batches)
 
     # 1. Features without grad, and the random state each forward starts from.
-    rng_states, cached_a, cached_b = [], [], []
+    rng_states, cached = [], []
     with torch.no_grad():
         for micro in micro_batches:
             rng_states.append(_rng_state())
-            a, b = encode(model, micro)
-            cached_a.append(a)
-            cached_b.append(b)
+            cached.append(encode(model, micro))
+    names = list(cached[0])
 
     # 2. The loss over the whole contrastive batch, and its gradient wrt the features.
-    # Both sides in one (2M, D) buffer: NT-Xent stacks [a; b] as its rows and, laid out
-    # like this, takes that as a view instead of copying (kernels.contrastive._stacked).
-    rows_a = sum(len(x) for x in cached_a)
-    features = torch.cat(cached_a + cached_b)
-    a_all, b_all = features[:rows_a].requires_grad_(), features[rows_a:].requires_grad_()
-    del features
-    scale_leaf = None
-    if scale_fn is not None:
-        with torch.no_grad():
-            scale_leaf = scale_fn(model).detach()
-        scale_leaf.requires_grad_()
-    loss = loss_fn(a_all, b_all, scale_leaf)
+    # Every name's rows in one (len(names) x A B, D) buffer, name after name: NT-Xent
+    # stacks [view1; view2] as its rows and, laid out like this, takes that as a view
+    # instead of copying (kernels.contrastive._stacked).
+    sizes = [len(c[names[0]]) for c in cached]
+    buffer = torch.cat([c[name] for name in names for c in cached])
+    features = {name: part.requires_grad_()
+                for name, part in zip(names, buffer.split(sum(sizes)), strict=True)}  # fmt: skip
+    del buffer, cached
+    with torch.no_grad():
+        params = {k: v.detach() for k, v in params_fn(model).items()}
+    for leaf in params.values():
+        leaf.requires_grad_()
+    loss = loss_fn(features, params)
     if skip_nonfinite and not bool(torch.isfinite(loss)):
-        return StepResult(
-            loss.detach(), scale_leaf.detach() if scale_leaf is not None else None, True
-        )
-    leaves = [a_all, b_all] + ([scale_leaf] if scale_leaf is not None else [])
-    grads = torch.autograd.grad(loss, leaves)
-    grad_a, grad_b = (
-        grads[0].split([x.shape[0] for x in cached_a]),
-        grads[1].split([x.shape[0] for x in cached_b]),
-    )
-    del cached_a, cached_b, a_all, b_all
+        return StepResult(loss.detach(), _detached(params), True)
+    leaves = [*features.values(), *params.values()]
+    grads = dict(zip([*features, *params], torch.autograd.grad(loss, leaves), strict=True))
+    feature_grads = {name: grads[name].split(sizes) for name in names}
+    del features
 
     # 3. Re-run each micro-batch with grad and back-propagate the cached gradients.
     features_weight = float(accumulation * world_size)
     for k, micro in enumerate(micro_batches):
         with _replayed_rng(rng_states[k]):
-            a, b = encode(model, micro)
-        surrogate = features_weight * ((a * grad_a[k]).sum() + (b * grad_b[k]).sum())
-        if k == 0 and scale_leaf is not None:
-            surrogate = surrogate + accumulation * (scale_fn(model) * grads[2]).sum()
+            rerun = encode(model, micro)
+        surrogate = features_weight * sum((rerun[name] * feature_grads[name][k]).sum()
+                                          for name in names)  # fmt: skip
+        if k == 0 and params:
+            live = params_fn(model)
+            surrogate = surrogate + accumulation * sum((live[name] * grads[name]).sum()
+                                                       for name in params)  # fmt: skip
         engine.backward(surrogate)
         engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
-    return StepResult(loss.detach(), scale_leaf.detach() if scale_leaf is not None else None)
+    return StepResult(loss.detach(), _detached(params))
+
+
+def _detached(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach() for name, value in params.items()}
 
 
 def _rng_state():

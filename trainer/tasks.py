@@ -1,8 +1,10 @@
 """What differs between methods (CLIP, SimCLR), behind one small interface, ``Task``,
 that the loop, evaluation and the checks before a run use: the model, how a loader batch
-becomes model inputs, the features of a micro-batch, the loss over the whole contrastive
-batch, and which features evaluation reads. ``TASKS`` maps ``task:`` in the config to the
-class; nothing else looks at the task's name. trainer/README.md: adding a method."""
+becomes model inputs, the named features of a micro-batch, the learnt loss parameters,
+and which features evaluation reads. The loss itself is chosen by the config
+(``loss.name``, trainer/losses.py) and handed to the task. ``TASKS`` maps ``task:`` in
+the config to the class; nothing else looks at the task's name. trainer/README.md:
+adding a method."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from torch import nn
 
 from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.data_pipeline.read.transforms import device_preprocess
-from megabatch.kernels import clip_loss, ntxent_loss
 from megabatch.trainer.config import RunConfig
 from megabatch.trainer.data import image_config
+from megabatch.trainer.losses import LossFn, make_loss
 
 
 class Task(Protocol):
@@ -41,15 +43,18 @@ class Task(Protocol):
         """A loader ``Batch`` -> what ``encode`` takes, on the device (micro-batch
         ``index`` of ``step``: seeds that the GradCache re-run replays)."""
 
-    def encode(self, model: nn.Module, micro) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two (B, D) feature sets whose rows are positives of each other."""
+    def encode(self, model: nn.Module, micro) -> dict[str, torch.Tensor]:
+        """The named (B, D) feature sets whose rows are positives of each other, in the
+        order the loss takes them ({"image", "text"}; {"view1", "view2"})."""
 
-    def loss(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """The contrastive loss over the global batch, from this rank's rows."""
+    loss: LossFn
+    """(features: name -> this rank's rows of every micro-batch, params) -> the loss over
+    the global batch: ``losses.make_loss`` for the run's ``loss.name``."""
 
-    scale: Callable[[nn.Module], torch.Tensor] | None
-    """model -> the learnt logit scale the loss takes (its gradient comes from the loss),
-    or None where the scale is a fixed hyperparameter."""
+    def loss_params(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The learnt loss parameters the loss takes, with grad (their gradient comes
+        from the loss), by name: CLIP's {"logit_scale": exp(t), clamped}; {} where the
+        loss has none (NT-Xent's temperature is a hyperparameter)."""
 
     def image_features(self, model: nn.Module, batch) -> torch.Tensor:
         """(B, D) features of a loader batch's images, for evaluation."""
@@ -68,6 +73,7 @@ class ClipTask:
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = tokenizer
         self.image = image_config(config)
+        self.loss = make_loss(config, world_size)
 
     @staticmethod
     def check_model(config: RunConfig, vocab_size: int) -> None:
@@ -95,14 +101,10 @@ class ClipTask:
 
     def encode(self, model, micro):
         images, tokens, mask = micro
-        return model.encode_image(images), model.encode_text(tokens, mask)
+        return {"image": model.encode_image(images), "text": model.encode_text(tokens, mask)}
 
-    def loss(self, a, b, scale):
-        group = dist.group.WORLD if self.world_size > 1 else None
-        return clip_loss(a, b, scale, process_group=group, backend=self.config.engine.loss_backend)
-
-    def scale(self, model):
-        return model.logit_scale()
+    def loss_params(self, model):
+        return {"logit_scale": model.logit_scale()}
 
     def image_features(self, model, batch):
         images = device_preprocess(batch.to(self.device).images, self.image)
@@ -123,6 +125,7 @@ class SimCLRTask:
         self.config, self.device, self.world_size = config, device, world_size
         self.tokenizer = None  # images only
         self.image = image_config(config)
+        self.loss = make_loss(config, world_size)
         self.views = SimCLRViews(ViewConfig(size=config.model.image_size))
 
     @staticmethod
@@ -146,14 +149,10 @@ class SimCLRTask:
     def encode(self, model, micro):
         images, seed = micro
         view1, view2 = self.views(images, seed)
-        return model(view1)[1], model(view2)[1]
+        return {"view1": model(view1)[1], "view2": model(view2)[1]}
 
-    def loss(self, a, b, scale):
-        group = dist.group.WORLD if self.world_size > 1 else None
-        return ntxent_loss(a, b, self.config.loss.temperature, process_group=group,
-                           backend=self.config.engine.loss_backend)  # fmt: skip
-
-    scale = None  # NT-Xent's temperature is a hyperparameter (loss.temperature)
+    def loss_params(self, model):
+        return {}  # NT-Xent's temperature is a hyperparameter (loss.temperature)
 
     def image_features(self, model, batch):
         images = device_preprocess(batch.to(self.device).images, self.image)

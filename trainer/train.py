@@ -164,7 +164,8 @@ class Trainer:
 
     def train_step(self, micro_batches):
         result = gradcache_step(self.engine, micro_batches, self.task.encode, self.task.loss,
-                                self.task.scale, self.world.world_size, skip_nonfinite=True)  # fmt: skip
+                                self.task.loss_params, self.world.world_size,
+                                skip_nonfinite=True)  # fmt: skip
         if result.skipped:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
@@ -218,8 +219,8 @@ class Trainer:
             "loss": loss,
             # The learning rate of the next step (the scheduler has stepped).
             "lr": self.engine.optimizer.param_groups[0]["lr"],
-            "logit_scale": result.logit_scale.item() if result.logit_scale is not None
-            else 1 / self.config.loss.temperature,
+            "logit_scale": result.loss_params["logit_scale"].item()
+            if "logit_scale" in result.loss_params else 1 / self.config.loss.temperature,
             "samples_per_s": steps * self.config.global_batch_size(self.world.world_size) / max(elapsed, 1e-9),
             "step_time_s": elapsed / max(steps, 1),
             "data_wait_fraction": min(1.0, wait / max(elapsed, 1e-9)),

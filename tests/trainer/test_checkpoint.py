@@ -251,3 +251,22 @@ def test_low_precision_runs_without_zero_give_their_float32_masters(data, tmp_pa
     torch.save(states, checkpoint.path / "state" / MODEL_STATES)
     with pytest.raises(CheckpointError, match=f"the float32 master of {decay[i]} does not round"):
         model_weights(checkpoint)
+
+
+def test_a_key_added_since_the_checkpoint_is_no_change_at_its_default(tmp_path):
+    """A checkpoint written before ``loss.name`` existed resumes with it at its default
+    (the behaviour from before), and is refused with it set otherwise."""
+    from pathlib import Path
+
+    from megabatch.trainer.checkpoint import Checkpoint
+    from megabatch.trainer.config import plain_dict
+    from megabatch.trainer.resume import config_changes, refused_changes
+
+    config = load_config(None, ["task=simclr"])
+    old = plain_dict(config)
+    del old["loss"]["name"]  # as a checkpoint of an earlier megabatch recorded it
+    checkpoint = Checkpoint(Path(tmp_path), 5, {"config": old})
+    assert config_changes(checkpoint, config) == []
+    other = load_config(None, ["task=simclr", "loss.name=ntxent"])
+    changes = config_changes(checkpoint, other)
+    assert [str(c) for c in refused_changes(changes)] == ["loss.name (absent) -> 'ntxent'"]

@@ -54,13 +54,14 @@ def _train_one_step(rank, world_size, micro, zero_stage):
     micro_batches = [(images[r], tokens[r], mask[r]) for r in rows]
 
     def encode(m, b):
-        return m.encode_image(b[0]), m.encode_text(b[1], b[2])
+        return {"image": m.encode_image(b[0]), "text": m.encode_text(b[1], b[2])}
 
-    def loss_fn(a, b, s):
-        return clip_loss(a, b, s, process_group=dist.group.WORLD, backend="torch")
+    def loss_fn(f, p):
+        return clip_loss(f["image"], f["text"], p["logit_scale"], process_group=dist.group.WORLD,
+                         backend="torch")  # fmt: skip
 
-    result = gradcache_step(engine, micro_batches, encode, loss_fn, lambda m: m.logit_scale(),
-                            world_size)  # fmt: skip
+    result = gradcache_step(engine, micro_batches, encode, loss_fn,
+                            lambda m: {"logit_scale": m.logit_scale()}, world_size)  # fmt: skip
     after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     return result.loss, {n: (after[n] - before[n], before[n].abs().max()) for n in before}
 
@@ -108,12 +109,13 @@ def test_both_feature_sides_reach_the_loss_as_halves_of_one_buffer():
 
     def encode(model, x):
         z = torch.nn.functional.normalize(model(x), dim=1)
-        return z, torch.nn.functional.normalize(model(x.flip(1)), dim=1)
+        return {"view1": z, "view2": torch.nn.functional.normalize(model(x.flip(1)), dim=1)}
 
-    def loss_fn(a, b, scale):
-        seen["gap"] = b.data_ptr() - a.data_ptr()
-        return ntxent_loss(a, b, 0.5, backend="torch")
+    def loss_fn(f, params):
+        seen["gap"] = f["view2"].data_ptr() - f["view1"].data_ptr()
+        return ntxent_loss(f["view1"], f["view2"], 0.5, backend="torch")
 
-    result = gradcache_step(_AutogradEngine(projector), micro_batches, encode, loss_fn, None, 1)
+    result = gradcache_step(_AutogradEngine(projector), micro_batches, encode, loss_fn,
+                            lambda m: {}, 1)  # fmt: skip
     assert seen["gap"] == 10 * 4 * 4  # b's first row directly after a's last (10 x 4 fp32)
     assert torch.isfinite(result.loss) and projector.weight.grad.abs().sum() > 0

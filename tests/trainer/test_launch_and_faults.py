@@ -67,9 +67,9 @@ def _nan_losses(rank, world_size, tmp, k):
     real_loss = trainer.task.loss
     calls = {"n": 0}
 
-    def loss_nan_from_step_3(a, b, scale):
+    def loss_nan_from_step_3(features, params):
         calls["n"] += 1
-        loss = real_loss(a, b, scale)
+        loss = real_loss(features, params)
         return loss * float("nan") if calls["n"] > 3 else loss
 
     trainer.task.loss = loss_nan_from_step_3

@@ -25,7 +25,8 @@ def test_every_config_task_has_a_class_with_the_whole_interface():
     assert set(TASKS) == set(task_names)
     wanted = {name for name in dir(Task) if not name.startswith("_")} | set(Task.__annotations__)
     for cls in TASKS.values():
-        missing = {name for name in wanted if not hasattr(cls, name)} - {"tokenizer"}
+        # tokenizer and loss are set by __init__ (test_each_tasks_loss_... checks them)
+        missing = {name for name in wanted if not hasattr(cls, name)} - {"tokenizer", "loss"}
         assert not missing, f"{cls.__name__} lacks {missing}"
         assert isinstance(cls.captions, bool)
         assert list(inspect.signature(cls.__init__).parameters)[1:] == [
@@ -58,9 +59,44 @@ def test_each_tasks_loss_is_the_fused_one_on_its_features(data, tmp_path):
     clip_config = load_config(None, overrides(data, tmp_path / "run"))
     clip = make_task(clip_config, CPU, 1, load_tokenizer(clip_config))
     scale = torch.tensor(10.0)
-    assert torch.equal(clip.loss(a, b, scale), clip_loss(a, b, scale))
+    features = clip.encode(clip.build_model(), clip.inputs(_one_batch(clip_config), 0, 0))
+    assert list(features) == ["image", "text"]
+    assert torch.equal(clip.loss({"image": a, "text": b}, {"logit_scale": scale}),
+                       clip_loss(a, b, scale))  # fmt: skip
+    assert list(clip.loss_params(clip.build_model())) == ["logit_scale"]
     simclr_config = load_config(None, [*overrides(data, tmp_path / "run", task="simclr"),
+                                       "model.preset=tiny-resnet",
                                        "loss.temperature=0.2"])  # fmt: skip
     simclr = make_task(simclr_config, CPU, 1, None)
-    assert simclr.scale is None and simclr.text_features is None and simclr.tokenizer is None
-    assert torch.equal(simclr.loss(a, b, None), ntxent_loss(a, b, 0.2))
+    assert simclr.loss_params(simclr.build_model()) == {}
+    assert simclr.text_features is None and simclr.tokenizer is None
+    assert torch.equal(simclr.loss({"view1": a, "view2": b}, {}), ntxent_loss(a, b, 0.2))
+
+
+def _one_batch(config):
+    from megabatch.data_pipeline.read.loader import ShardLoader
+    from megabatch.trainer.data import loader_config
+
+    loader = ShardLoader(loader_config(config, config.data.val, captions=True, evaluation=True),
+                         tokenizer=load_tokenizer(config))  # fmt: skip
+    return next(iter(loader))
+
+
+def test_the_loss_is_chosen_by_the_config_and_must_fit_the_task():
+    import typing
+
+    from megabatch.trainer.config import ConfigError, RunConfig
+    from megabatch.trainer.losses import LOSSES, TASK_LOSS, check_loss, loss_name
+
+    hints = typing.get_type_hints(typing.get_type_hints(RunConfig)["loss"])
+    assert set(typing.get_args(typing.get_args(hints["name"])[0])) == set(LOSSES)
+    assert {loss_name(load_config(None, [f"task={t}"])) for t in TASK_LOSS} == set(
+        TASK_LOSS.values()
+    )
+    check_loss(load_config(None, ["loss.name=infonce"]))
+    with pytest.raises(
+        ConfigError, match="loss.name 'ntxent' does not fit task clip .choose from infonce"
+    ):
+        check_loss(load_config(None, ["loss.name=ntxent"]))
+    with pytest.raises(ConfigError, match="loss.name must be one of"):
+        load_config(None, ["loss.name=hinge"])
