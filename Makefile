@@ -62,7 +62,7 @@ GPU_ENV    := PYTHONPATH=$(CURDIR)/$(GPU_PATH)$${PYTHONPATH:+:$$PYTHONPATH}
 GPU_PYTEST_WORKERS = $(shell $(GPU_PYTHON) -c 'import xdist' 2>/dev/null && printf -- '-n 4')
 
 bench-kernels: $(STAMP) ## CPU kernel benchmark: prints the table, writes docs/benchmarks.md
-	$(BIN)/python -m megabatch.kernels.benchmark --device cpu --losses clip,ntxent
+	$(BIN)/python -m megabatch.kernels.benchmark --device cpu --losses clip,ntxent,siglip,margin
 
 bench-data: $(STAMP) ## Input pipeline benchmark (demo shards): prints the table, writes docs/benchmarks-data.md
 	$(BIN)/python -m megabatch.data_pipeline.benchmark
@@ -99,6 +99,6 @@ gpu-test: $(GPU_PATH)/megabatch/kernels ## On a CUDA machine: the gpu-marked tes
 
 gpu-bench: $(GPU_PATH)/megabatch/kernels ## On a CUDA machine: the kernel benchmarks -> docs/benchmarks.md, docs/benchmarks-passes.md
 	$(RUN_ALL_STEPS); \
-	step env $(GPU_ENV) $(GPU_PYTHON) -m megabatch.kernels.benchmark --device cuda --losses clip,ntxent; \
+	step env $(GPU_ENV) $(GPU_PYTHON) -m megabatch.kernels.benchmark --device cuda --losses clip,ntxent,siglip,margin; \
 	step env $(GPU_ENV) timeout 300 $(GPU_PYTHON) -m megabatch.kernels.benchmark_passes; \
 	exit $$status

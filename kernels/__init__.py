@@ -7,5 +7,9 @@ loss: kernels/README.md.
 """
 
 from megabatch.kernels.contrastive import clip_loss, ntxent_loss
+from megabatch.kernels.margin import margin_contrastive_loss
+from megabatch.kernels.siglip import siglip_loss
 
 __all__ = ["clip_loss", "ntxent_loss"]
+__all__ += ["margin_contrastive_loss"]
+__all__ += ["siglip_loss"]

@@ -18,7 +18,9 @@ handed back (malloc_trim), so that memory freed before the call (the features'
 temporaries, the warm-up's tiles) neither hides nor is mistaken for the loss's scratch;
 each case runs in a fresh subprocess. GPU memory is torch.cuda.max_memory_allocated. A case
 whose estimated need exceeds the free memory is reported as skipped, not run: the
-reference needs about 16 N^2 bytes (fp32 logits, two log-softmaxes and their gradients).
+reference needs about 21 bytes per logit (fp32 logits, two log-softmaxes and their
+gradients; NT-Xent about 25 over its 2N x 2N, the margin loss about 32: distances, hinges
+and their gradients).
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ import torch
 import torch.nn.functional as F
 
 from megabatch.kernels.contrastive import clip_loss, logits_flops, ntxent_loss
+from megabatch.kernels.margin import margin_contrastive_loss
+from megabatch.kernels.siglip import siglip_loss
 
 LOSSES = {"clip": (clip_loss, 1 / 0.07), "ntxent": (ntxent_loss, 0.1)}
+# The margin loss's m: unit rows put negatives at about sqrt(2), most inside 1.5. It is a
+# float hyperparameter (no gradient), hence called with a float, no d/dm asked.
+LOSSES["margin"] = (margin_contrastive_loss, 1.5)
+FLOAT_HYPERPARAMETER_LOSSES = {"margin"}
+# SigLIP learns two scalars, t and b: its initial values (t = exp(log 10), b = -10).
+LOSSES["siglip"] = (siglip_loss, (10.0, -10.0))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-REFERENCE_BYTES_PER_LOGIT = 16
+REFERENCE_BYTES_PER_LOGIT = 21
+# Per loss where it differs, from the peaks docs/benchmarks.md measured at N = 4,096:
+# NT-Xent's masks over its 2N x 2N logits, the margin loss's distances and hinges.
+REFERENCE_BYTES_PER_LOGIT_OF = {"ntxent": 25, "margin": 32}
 FOOTNOTE = (
     "N is the number of pairs; the rate counts 8 N² D for both losses, so for NT-Xent, "
     "whose S is 2N x 2N, the arithmetic done is four times what the rate column credits. "
@@ -67,6 +80,11 @@ def _features(n: int, d: int, dtype: torch.dtype, device: str):
 
 def _forward(loss_name: str, backend: str, a, b):
     fn, s = LOSSES[loss_name]
+    if loss_name in FLOAT_HYPERPARAMETER_LOSSES:
+        return fn(a, b, s, backend=backend), (a, b)
+    if isinstance(s, tuple):  # several learnt scalars, each given a gradient
+        scalars = tuple(torch.tensor(v, device=a.device, requires_grad=True) for v in s)
+        return fn(a, b, *scalars, backend=backend), (a, b, *scalars)
     scale = torch.tensor(s, device=a.device, requires_grad=True)
     return fn(a, b, scale, backend=backend), (a, b, scale)
 
@@ -94,7 +112,7 @@ def _needs_too_much(backend: str, loss: str, n: int, device: str) -> str | None:
     if backend != "reference":
         return None
     rows = 2 * n if loss == "ntxent" else n
-    need = REFERENCE_BYTES_PER_LOGIT * rows * rows
+    need = REFERENCE_BYTES_PER_LOGIT_OF.get(loss, REFERENCE_BYTES_PER_LOGIT) * rows * rows
     if need > 0.8 * _free_bytes(device):
         return f"skipped: needs ~{need / 2**30:.0f} GiB"
     return None

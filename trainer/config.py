@@ -113,14 +113,22 @@ class EngineConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["infonce", "ntxent"] | None = None
-    """The loss (trainer/losses.py); None: the task's own (clip: infonce, simclr: ntxent)."""
-    init_logit_scale: float = 1 / 0.07
-    """CLIP's initial logit multiplier (the paper's 1 / 0.07)."""
+    name: Literal["infonce", "siglip", "ntxent", "margin"] | None = None
+    """The loss (trainer/losses.py); None: the task's own (clip: infonce, simclr: ntxent).
+    siglip: SigLIP's pairwise sigmoid loss, for task clip; margin: Hadsell, Chopra and
+    LeCun's margin contrastive loss, for task simclr."""
+    init_logit_scale: float | None = None
+    """The initial logit multiplier t; None: the loss's own (infonce: CLIP's 1 / 0.07,
+    siglip: SigLIP's 10)."""
+    init_logit_bias: float | None = None
+    """SigLIP's initial logit bias b; None: SigLIP's -10."""
     max_logit_scale: float = 100.0
     """CLIP's clamp on the multiplier."""
     temperature: float = 0.1
     """SimCLR's tau."""
+    margin: float = 1.0
+    """The margin loss's m: negative pairs closer than m are pushed apart (unit features:
+    distances in [0, 2]; 1 is cosine 0.5)."""
 
 
 @dataclass
@@ -206,7 +214,9 @@ class RunConfig:
             ("data.max_member_bytes", self.data.max_member_bytes >= 1, "must be >= 1"),
             ("data.eval_max_samples", self.data.eval_max_samples >= 1, "must be >= 1"),
             ("loss.temperature", self.loss.temperature > 0, "must be > 0"),
-            ("loss.init_logit_scale", 0 < self.loss.init_logit_scale <= self.loss.max_logit_scale,
+            ("loss.margin", self.loss.margin > 0, "must be > 0"),
+            ("loss.init_logit_scale", _none_or(self.loss.init_logit_scale,
+                                               lambda v: 0 < v <= self.loss.max_logit_scale),
              "must be in (0, loss.max_logit_scale]"),
             ("train.max_steps", self.train.max_steps >= 1, "must be >= 1"),
             ("metrics.port", 1 <= self.metrics.port <= 65535 - 255, "must be in [1, 65280]"),

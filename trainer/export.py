@@ -163,7 +163,8 @@ def export(plan: ExportPlan) -> Path:
                 parts.write_weights(folder)
             checks = {}
             if onnx:
-                run = export_onnx.run_metadata(plan.config, plan.checkpoint.step, parts.logit_scale)
+                run = export_onnx.run_metadata(plan.config, plan.checkpoint.step, parts.logit_scale,
+                                               parts.logit_bias)  # fmt: skip
                 checks = export_onnx.write_onnx(folder, parts.onnx_towers(), samples, run)
             write_model_card(folder / CARD, plan)
             write_manifest(folder, plan, checks)
@@ -183,6 +184,7 @@ class _Parts:
     onnx_towers: Callable[[], list]  # export_onnx.OnnxTower list: onnx
     tokenizer: Any  # the run's CaptionTokenizer (CLIP), None (SimCLR)
     logit_scale: float | None  # exp(t) as trained, clamped (CLIP)
+    logit_bias: float | None = None  # b as trained (CLIP trained with SigLIP's loss)
 
 
 def _clip_parts(plan: ExportPlan, module: dict) -> _Parts:
@@ -204,6 +206,7 @@ def _clip_parts(plan: ExportPlan, module: dict) -> _Parts:
         write_weights=lambda folder: export_hf.write_clip_model(folder, model),
         onnx_towers=lambda: export_onnx.clip_onnx_towers(*export_hf.clip_towers(model)),
         tokenizer=tokenizer, logit_scale=model.logit_scale.detach().exp().item(),
+        logit_bias=getattr(model.config, "logit_bias", None),
     )  # fmt: skip
 
 
@@ -232,6 +235,7 @@ def _tokenizer(config: RunConfig):
 
 
 def _clip_config(config: RunConfig, tokenizer):
+    from megabatch.trainer.losses import initial_loss_params
     from megabatch.trainer.models.clip import clip_config
 
     m = config.model
@@ -239,7 +243,7 @@ def _clip_config(config: RunConfig, tokenizer):
         m.preset, image_size=m.image_size, context_length=m.context_length,
         vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, sot_id=tokenizer.sot_id,
         eot_id=tokenizer.eot_id, embed_dim=m.embed_dim,
-        init_logit_scale=config.loss.init_logit_scale,
+        init_logit_scale=initial_loss_params(config)["logit_scale"],
     )  # fmt: skip
 
 
@@ -272,6 +276,7 @@ def write_manifest(folder: Path, plan: ExportPlan, onnx_checks: dict | None = No
 def write_model_card(path: Path, plan: ExportPlan) -> None:
     """README.md: training data, steps, batch, evaluation, preprocessing, how to load."""
     from megabatch.trainer.data import image_config
+    from megabatch.trainer.losses import initial_loss_params, loss_name
 
     config, ckpt = plan.config, plan.checkpoint
     world = ckpt.meta.get("world_size")
@@ -302,6 +307,13 @@ def write_model_card(path: Path, plan: ExportPlan) -> None:
         f"- global batch: {batch if batch is not None else 'unknown'} "
         f"({config.batch.micro_batch_size} per micro-batch x {config.batch.accumulation_steps} "
         f"accumulation steps x {world if world is not None else '?'} ranks)",
+        f"- loss: {loss_name(config)}"
+        + (
+            " (SigLIP's pairwise sigmoid; its trained bias is `logit_bias` in config.json: "
+            "a pair matches with probability sigmoid(logit_scale x cosine + logit_bias))"
+            if "logit_bias" in initial_loss_params(config)
+            else ""
+        ),
         f"- engine: ZeRO stage {config.engine.zero_stage}, {config.engine.precision}; "
         + (
             "exported in float32"

@@ -70,7 +70,8 @@ def clip_model(config, module: dict[str, torch.Tensor], max_logit_scale: float):
         sub.projection_dim = config.projection_dim
     state = {k[len("clip.") :]: v for k, v in module.items() if k.startswith("clip.")}
     state.pop("logit_scale", None)  # the stale buffer: the trained value is log_logit_scale
-    extra = [k for k in module if not k.startswith("clip.") and k != "log_logit_scale"]
+    extra = [k for k in module
+             if not k.startswith("clip.") and k not in ("log_logit_scale", "logit_bias")]  # fmt: skip
     if "log_logit_scale" not in module or extra:
         raise WeightsMismatch(
             "the checkpoint does not hold a CLIP model: "
@@ -80,6 +81,10 @@ def clip_model(config, module: dict[str, torch.Tensor], max_logit_scale: float):
     state["logit_scale"] = t.clamp(max=math.log(max_logit_scale))
     model = CLIPModel(config)
     _load_exactly(model, state, "the CLIP model of the run's config")
+    if "logit_bias" in module:
+        # Trained with SigLIP's loss. CLIPModel has no bias (its softmax logits need none);
+        # config.json keeps it for match probabilities, sigmoid(scale x cos + bias).
+        model.config.logit_bias = float(module["logit_bias"].float().reshape(()))
     return model.eval()
 
 

@@ -218,7 +218,8 @@ def short_number(x: float) -> str:
 
 
 # --------------------------------------------------------------------------- metadata
-def run_metadata(config: RunConfig, step: int, logit_scale: float | None) -> dict[str, str]:
+def run_metadata(config: RunConfig, step: int, logit_scale: float | None,
+                 logit_bias: float | None = None) -> dict[str, str]:  # fmt: skip
     """What every file of the export carries: the run and its preprocessing."""
     image = image_config(config)
     meta = {
@@ -232,6 +233,8 @@ def run_metadata(config: RunConfig, step: int, logit_scale: float | None) -> dic
         meta["context_length"] = str(config.model.context_length)
         # exp(t), clamped as trained: zero-shot logits = logit_scale * image . text
         meta["logit_scale"] = f"{logit_scale:.9g}"
+    if logit_bias is not None:  # SigLIP: p(match) = sigmoid(logit_scale * dot + logit_bias)
+        meta["logit_bias"] = f"{logit_bias:.9g}"
     return meta
 
 

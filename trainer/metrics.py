@@ -4,6 +4,7 @@ plugs in the same way), and the live progress line."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,9 +38,13 @@ def progress_line(step: int, max_steps: int, values: dict[str, float], eta_s: fl
     return (
         f"step {step}/{max_steps}  loss {values['loss']:.4f}  "
         f"{values['samples_per_s']:.0f} samples/s  lr {values['lr']:.2e}  "
-        f"scale {values['logit_scale']:.2f}  data wait {100 * values['data_wait_fraction']:.0f}%  "
+        f"scale {_scale(values['logit_scale'])}  data wait {100 * values['data_wait_fraction']:.0f}%  "
         f"ETA {eta}"
     )
+
+
+def _scale(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else "-"  # "-": a loss with no logits
 
 
 def print_progress(line: str) -> None:

@@ -17,7 +17,7 @@ new config is compared with it key by key:
   is a trained parameter by then), ``preset`` (its keys are compared one by one).
 
 ``megabatch eval`` and ``megabatch export`` only need the model to be the same: task,
-model, tokenizer.
+model, tokenizer, loss (SigLIP's model holds a logit bias).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from megabatch.trainer.config import ConfigError, RunConfig, plain_dict
 
 REFUSED = (
     "task", "seed", "model.", "batch.micro_batch_size", "batch.accumulation_steps",
-    "loss.name", "loss.temperature", "loss.max_logit_scale", "data.train", "data.num_workers",
+    "loss.name", "loss.temperature", "loss.margin", "loss.max_logit_scale", "data.train", "data.num_workers",
     "data.shuffle_block", "data.resampled", "data.tokenizer", "optim.name",
     "engine.zero_stage", "engine.precision",
 )  # fmt: skip
-REFUSED_FOR_EVAL = ("task", "model.", "data.tokenizer")
-NO_EFFECT = ("loss.init_logit_scale", "preset")
+REFUSED_FOR_EVAL = ("task", "model.", "data.tokenizer", "loss.name")
+NO_EFFECT = ("loss.init_logit_scale", "loss.init_logit_bias", "preset")
 # Keys that differ between starts by design, or are checked elsewhere.
 IGNORED = ("train.resume", "run_dir", "batch.global_batch_size")
 

@@ -19,7 +19,7 @@ from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
 from megabatch.data_pipeline.read.transforms import device_preprocess
 from megabatch.trainer.config import RunConfig
 from megabatch.trainer.data import image_config
-from megabatch.trainer.losses import LossFn, make_loss
+from megabatch.trainer.losses import LossFn, initial_loss_params, make_loss
 
 
 class Task(Protocol):
@@ -88,12 +88,14 @@ class ClipTask:
         from megabatch.trainer.models.clip import ClipModel, clip_config
 
         m, tok = self.config.model, self.tokenizer
+        init = initial_loss_params(self.config)
         cfg = clip_config(
             m.preset, image_size=m.image_size, context_length=m.context_length,
             vocab_size=tok.vocab_size, pad_id=tok.pad_id, sot_id=tok.sot_id, eot_id=tok.eot_id,
-            embed_dim=m.embed_dim, init_logit_scale=self.config.loss.init_logit_scale,
+            embed_dim=m.embed_dim, init_logit_scale=init["logit_scale"],
         )  # fmt: skip
-        return ClipModel(cfg, max_logit_scale=self.config.loss.max_logit_scale)
+        return ClipModel(cfg, max_logit_scale=self.config.loss.max_logit_scale,
+                         init_logit_bias=init.get("logit_bias"))  # fmt: skip
 
     def inputs(self, batch, step: int, index: int):
         b = batch.to(self.device)
@@ -104,7 +106,10 @@ class ClipTask:
         return {"image": model.encode_image(images), "text": model.encode_text(tokens, mask)}
 
     def loss_params(self, model):
-        return {"logit_scale": model.logit_scale()}
+        params = {"logit_scale": model.logit_scale()}
+        if hasattr(model, "logit_bias"):  # built for a loss that takes one (SigLIP)
+            params["logit_bias"] = model.logit_bias.reshape(())
+        return params
 
     def image_features(self, model, batch):
         images = device_preprocess(batch.to(self.device).images, self.image)

@@ -38,6 +38,7 @@ from megabatch.trainer.data import load_tokenizer, loader_config
 from megabatch.trainer.engine import apply_optimizer_config, build_engine
 from megabatch.trainer.eval_run import evaluate
 from megabatch.trainer.launch import World
+from megabatch.trainer.losses import logged_scale
 from megabatch.trainer.metrics import JsonLinesSink, MetricsSink, print_progress, progress_line
 from megabatch.trainer.prometheus import (
     MetricsServer,
@@ -219,8 +220,7 @@ class Trainer:
             "loss": loss,
             # The learning rate of the next step (the scheduler has stepped).
             "lr": self.engine.optimizer.param_groups[0]["lr"],
-            "logit_scale": result.loss_params["logit_scale"].item()
-            if "logit_scale" in result.loss_params else 1 / self.config.loss.temperature,
+            "logit_scale": logged_scale(self.config, result.loss_params),
             "samples_per_s": steps * self.config.global_batch_size(self.world.world_size) / max(elapsed, 1e-9),
             "step_time_s": elapsed / max(steps, 1),
             "data_wait_fraction": min(1.0, wait / max(elapsed, 1e-9)),

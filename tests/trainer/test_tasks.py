@@ -3,6 +3,7 @@ captions, the tokenizer handed in, the model checks before a run, and the loss o
 features each task encodes."""
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -100,3 +101,38 @@ def test_the_loss_is_chosen_by_the_config_and_must_fit_the_task():
         check_loss(load_config(None, ["loss.name=ntxent"]))
     with pytest.raises(ConfigError, match="loss.name must be one of"):
         load_config(None, ["loss.name=hinge"])
+
+
+def test_siglip_gives_the_clip_model_a_learnt_bias_and_the_fused_loss(data, tmp_path):
+    from megabatch.kernels import siglip_loss
+
+    config = load_config(None, [*overrides(data, tmp_path / "run"), "loss.name=siglip"])
+    task = make_task(config, CPU, 1, load_tokenizer(config))
+    params = task.loss_params(task.build_model())
+    assert list(params) == ["logit_scale", "logit_bias"]
+    assert params["logit_scale"].item() == pytest.approx(10.0, rel=1e-6)  # SigLIP's t, b
+    assert params["logit_bias"].item() == -10.0 and params["logit_bias"].requires_grad
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    t, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    got = task.loss({"image": a, "text": b}, {"logit_scale": t, "logit_bias": bias})
+    assert torch.equal(got, siglip_loss(a, b, t, bias))
+
+
+def test_the_margin_loss_takes_simclrs_views_with_its_margin(data, tmp_path):
+    from megabatch.kernels import margin_contrastive_loss
+    from megabatch.trainer.config import ConfigError
+    from megabatch.trainer.losses import check_loss, logged_scale
+
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    config = load_config(None, [*overrides(data, tmp_path / "run", task="simclr"),
+                                "model.preset=tiny-resnet", "loss.name=margin",
+                                "loss.margin=0.5"])  # fmt: skip
+    task = make_task(config, CPU, 1, None)
+    assert task.loss_params(task.build_model()) == {}
+    got = task.loss({"view1": a, "view2": b}, {})
+    assert torch.equal(got, margin_contrastive_loss(a, b, 0.5))
+    assert math.isnan(logged_scale(config, {}))  # no logits, no scale
+    with pytest.raises(ConfigError, match="loss.name 'margin' does not fit task clip"):
+        check_loss(load_config(None, ["loss.name=margin"]))

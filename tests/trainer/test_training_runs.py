@@ -101,3 +101,47 @@ def test_eval_command_reloads_the_newest_checkpoint(data, tmp_path):
     assert "evaluating" in proc.stderr and "step00000006" in proc.stderr
     assert '"retrieval_i2t_r1"' in proc.stdout
     assert (run / "results.json").is_file()
+
+
+def test_clip_trains_with_the_siglip_loss_and_exports_its_bias(data, tmp_path):
+    """loss.name=siglip: the CLIP towers with a learnt logit bias (t = 10, b = -10 at the
+    start), trained through the fused SigLIP loss; the export keeps the trained bias."""
+    import json
+
+    run = tmp_path / "run"
+    proc = train(overrides(data, run, **{"loss.name": "siglip", "train.max_steps": 3,
+                                         "train.checkpoint_every_steps": 3}))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["logit_scale"] for r in logged if "logit_scale" in r]
+    assert abs(scales[0] - 10.0) < 0.1  # SigLIP's t, not CLIP's 1 / 0.07
+    module = weights(run / "checkpoints" / "step00000003")
+    bias = module["logit_bias"].item()
+    assert bias != -10.0 and abs(bias + 10.0) < 1.0  # trained, from -10
+
+    export = subprocess.run([sys.executable, "-m", "megabatch.trainer.cli", "export", str(run),
+                             "--out", str(tmp_path / "export")], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert export.returncode == 0, export.stderr[-3000:]
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["logit_bias"] == pytest.approx(bias, abs=1e-6)
+    assert (
+        "- loss: siglip (SigLIP's pairwise sigmoid"
+        in (tmp_path / "export" / "README.md").read_text()
+    )
+
+
+def test_simclr_trains_with_the_margin_loss(data, tmp_path):
+    import json
+    import math
+
+    run = tmp_path / "run"
+    proc = train(overrides(data, run, task="simclr", **{"model.preset": "tiny-resnet",
+                                                       "loss.name": "margin",
+                                                       "train.max_steps": 3}))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert all(math.isnan(r["logit_scale"]) for r in logged if "logit_scale" in r)
+    assert "scale -" in proc.stderr

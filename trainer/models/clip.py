@@ -89,9 +89,11 @@ def clip_config(
 
 class ClipModel(nn.Module):
     """images (B, 3, S, S) float, tokens (B, L), mask (B, L) -> unit image and text
-    features (B, E) and the logit scale exp(t), clamped to at most ``max_logit_scale``."""
+    features (B, E) and the logit scale exp(t), clamped to at most ``max_logit_scale``;
+    with ``init_logit_bias`` (a loss with a bias: SigLIP's), a learnt logit bias too."""
 
-    def __init__(self, config: CLIPConfig, max_logit_scale: float = 100.0):
+    def __init__(self, config: CLIPConfig, max_logit_scale: float = 100.0,
+                 init_logit_bias: float | None = None):  # fmt: skip
         super().__init__()
         self.clip = CLIPModel(config)
         self.max_logit_scale = max_logit_scale
@@ -103,6 +105,8 @@ class ClipModel(nn.Module):
         del self.clip.logit_scale
         self.clip.register_buffer("logit_scale", init)
         self.log_logit_scale = nn.Parameter(init.reshape(1))
+        if init_logit_bias is not None:  # (1,), not 0-dim: as log_logit_scale
+            self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         out = self.clip.get_image_features(pixel_values=images)  # transformers 5: an output object
