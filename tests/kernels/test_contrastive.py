@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megabatch.kernels import clip_loss, ntxent_loss, torch_backend
 from megabatch.kernels.reference import clip_loss_reference, ntxent_loss_reference
+from tests.kernels.allocations import largest_allocation
 from tests.kernels.features import spread_features
 
 NS = [1, 2, 7, 64, 129, 1000]
@@ -284,38 +285,24 @@ def test_triton_backend_rejects_float64():
 def test_no_n_by_n_allocation(backend, monkeypatch):
     """The fused backends never allocate an N x N tensor, forward or backward.
 
-    Every tensor allocated through the torch dispatcher is inspected with a
-    TorchDispatchMode; with N = 300 > D any tensor with >= N * N / 2 elements would be
-    quadratic. The torch backend's tiles are made smaller than that here.
+    Every tensor allocated through the torch dispatcher is inspected
+    (allocations.largest_allocation); with N = 300 > D any tensor with >= N * N / 2
+    elements would be quadratic. The torch backend's tiles are made smaller than that here.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     monkeypatch.setattr(torch_backend, "_TILE_ROWS", 64)
     monkeypatch.setattr(torch_backend, "_TILE_COLS", 64)
     n = 300
-    largest = 0
-
-    class LargestAllocation(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal largest
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    largest = max(largest, t.numel())
-            return out
 
     for fn, _, s in LOSSES.values():
         a, b = _features(n, 16)
-        with LargestAllocation():
-            loss = fn(a, b, torch.tensor(s), backend=backend)
-            loss.backward()
-    assert largest < n * n // 2, largest
+        with largest_allocation() as largest:
+            fn(a, b, torch.tensor(s), backend=backend).backward()
+        assert largest[0] < n * n // 2, largest
     # The same probe sees the reference's quadratic logits, so it does measure something.
-    largest = 0
     a, b = _features(n, 16)
-    with LargestAllocation():
+    with largest_allocation() as largest:
         clip_loss(a, b, 10.0, backend="reference").backward()
-    assert largest >= n * n
+    assert largest[0] >= n * n
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from megabatch.kernels import margin_contrastive_loss, torch_backend
 from megabatch.kernels.reference import margin_contrastive_loss_reference
+from tests.kernels.allocations import largest_allocation
 
 MARGIN = 1.4  # unit rows: a negative's distance is about sqrt(2), so part of them fall inside
 
@@ -164,30 +165,17 @@ def test_identical_vectors_give_finite_gradients():
 def test_no_n_by_n_allocation(monkeypatch):
     """No N x N tensor, forward or backward (test_contrastive.py's probe): with N = 300 >
     D, any tensor of >= N * N / 2 elements would be quadratic; tiles are 64 x 64 here."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     monkeypatch.setattr(torch_backend, "_TILE_ROWS", 64)
     monkeypatch.setattr(torch_backend, "_TILE_COLS", 64)
     n = 300
-    largest = 0
-
-    class LargestAllocation(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal largest
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    largest = max(largest, t.numel())
-            return out
 
     a, b = _features(n, 16)
-    with LargestAllocation():
+    with largest_allocation() as largest:
         margin_contrastive_loss(a, b, MARGIN, backend="torch").backward()
-    assert largest < n * n // 2, largest
-    largest = 0  # the same probe sees the reference's N x N distances
-    with LargestAllocation():
+    assert largest[0] < n * n // 2, largest
+    with largest_allocation() as largest:  # the same probe sees the reference's distances
         margin_contrastive_loss(a, b, MARGIN, backend="reference").backward()
-    assert largest >= n * n
+    assert largest[0] >= n * n
 
 
 BAD_INPUTS = [

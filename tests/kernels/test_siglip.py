@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from megabatch.kernels import siglip_loss, siglip_torch, torch_backend
 from megabatch.kernels.reference import siglip_loss_reference
 from megabatch.kernels.siglip import SigmoidBackend
+from tests.kernels.allocations import largest_allocation
 
 # SigLIP's initial values: t = exp(log 10), b = -10.
 T, B = 10.0, -10.0
@@ -206,30 +207,17 @@ def test_no_n_by_n_allocation(backend, monkeypatch):
     """Neither the forward nor the backward allocates an N x N tensor: every tensor made
     through the torch dispatcher is inspected (test_contrastive.py's probe); with
     N = 300 > D, any of >= N * N / 2 elements would be quadratic."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     monkeypatch.setattr(torch_backend, "_TILE_ROWS", 64)
     monkeypatch.setattr(torch_backend, "_TILE_COLS", 64)
     n = 300
-    largest = 0
-
-    class LargestAllocation(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal largest
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    largest = max(largest, t.numel())
-            return out
 
     a, b = _features(n, 16)
-    with LargestAllocation():
+    with largest_allocation() as largest:
         siglip_loss(a, b, T, B, backend=backend).backward()
-    assert largest < n * n // 2, largest
-    largest = 0  # the same probe sees the reference's quadratic logits
-    with LargestAllocation():
+    assert largest[0] < n * n // 2, largest
+    with largest_allocation() as largest:  # the same probe sees the reference's logits
         siglip_loss(a, b, T, B, backend="reference").backward()
-    assert largest >= n * n
+    assert largest[0] >= n * n
 
 
 BAD_INPUTS = [
