@@ -1,4 +1,5 @@
-"""Compile the Triton kernels for Hopper (sm_90a) on a machine without a GPU.
+"""Compile the Triton kernels (CLIP / NT-Xent's and SigLIP's) for Hopper (sm_90a) on a
+machine without a GPU.
 
     python -m megabatch.kernels.hopper_compile      # one JSON line per (kernel, config)
 
@@ -22,7 +23,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from megabatch.kernels.backend import LossMode
-from megabatch.kernels.triton_backend import backward, backward_tma, forward
+from megabatch.kernels.triton_backend import (
+    backward,
+    backward_tma,
+    forward,
+    sigmoid_backward,
+    sigmoid_forward,
+)
 
 D = 512
 TARGET = GPUTarget("cuda", 90, 32)
@@ -102,6 +109,15 @@ def main() -> None:
          {**common, "MODE": clip, "WITH_COL": True}, forward._FWD_CONFIGS),
         ("row_gradient", backward._row_gradient_kernel, bwd_pointers,
          {**common, "stride_dx": D, "MODE": clip, "DX_COLS": D}, backward._BWD_CONFIGS),
+    ]  # fmt: skip
+    # SigLIP's two kernels (siglip.py): no log-sum-exp tables, a bias beside the scale.
+    sig_pointers = {"X": bf16, "Y": bf16, "SCALE": "*fp32", "BIAS": "*fp32"}
+    jobs += [
+        ("pairwise_sigmoid_loss", sigmoid_forward._pairwise_sigmoid_loss_kernel,
+         {**sig_pointers, "ROW_LOSS": "*fp32"}, common, sigmoid_forward._FWD_CONFIGS),
+        ("pairwise_sigmoid_gradient", sigmoid_backward._pairwise_sigmoid_gradient_kernel,
+         {**sig_pointers, "OUT_MULT": "*fp32", "DX": bf16, "GT": "*fp32", "GB": "*fp32"},
+         {**common, "stride_dx": D, "DX_COLS": D}, sigmoid_backward._BWD_CONFIGS),
     ]  # fmt: skip
     # The experimental TMA backward: descriptors' types carry each config's block shapes.
     tma_constexprs = {"D_PAD": D, "MODE": clip, "DX_COLS": D, "INPUT_PRECISION": "ieee"}
