@@ -154,17 +154,22 @@ def gradient_weights(s, LSE_COL, lse_row, rows, cols, pos, M, N, row_offset, MOD
 
 
 @triton.jit
-def store_row_gradient(acc, gs, OUT_MULT, DX, GS, rows, dcols, M, D, stride_dx, pid_d):
-    """dX[rows, dcols] = out_mult * acc in DX's dtype; gs (natural-log units) once a row."""
-    row_ok = rows < M
+def store_dx(acc, OUT_MULT, DX, rows, dcols, M, D, stride_dx):
+    """dX[rows, dcols] = out_mult * acc, in DX's dtype (the CLIP and SigLIP backwards)."""
     out = acc * tl.load(OUT_MULT).to(tl.float32)
     tl.store(
         DX + rows[:, None] * stride_dx + dcols[None, :],
         out.to(DX.dtype.element_ty),
-        mask=row_ok[:, None] & (dcols < D)[None, :],
+        mask=(rows < M)[:, None] & (dcols < D)[None, :],
     )
+
+
+@triton.jit
+def store_row_gradient(acc, gs, OUT_MULT, DX, GS, rows, dcols, M, D, stride_dx, pid_d):
+    """dX[rows, dcols] = out_mult * acc in DX's dtype; gs (natural-log units) once a row."""
+    store_dx(acc, OUT_MULT, DX, rows, dcols, M, D, stride_dx)
     if pid_d == 0:
-        tl.store(GS + rows, gs * 0.6931471805599453, mask=row_ok)
+        tl.store(GS + rows, gs * 0.6931471805599453, mask=rows < M)
 
 
 # --------------------------------------------------------------------------- tuning

@@ -27,6 +27,7 @@ from megabatch.kernels.triton_backend.common import (
     n_bucket,
     prune_configs,
     quick_bench,
+    store_dx,
 )
 from megabatch.kernels.triton_backend.sigmoid_forward import flipped_logits, sigmoid
 
@@ -97,12 +98,7 @@ def _pairwise_sigmoid_gradient_kernel(
         # backward casts its W); the 1 / N factor is applied after, in fp32.
         acc = tl.dot(w.to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
 
-    out = acc * tl.load(OUT_MULT).to(tl.float32)
-    tl.store(
-        DX + rows[:, None] * stride_dx + dcols[None, :],
-        out.to(DX.dtype.element_ty),
-        mask=row_ok[:, None] & (dcols < D)[None, :],
-    )
+    store_dx(acc, OUT_MULT, DX, rows, dcols, M, D, stride_dx)
     if pid_d == 0:
         tl.store(GT + rows, gt, mask=row_ok)
         tl.store(GB + rows, gb, mask=row_ok)
