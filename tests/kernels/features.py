@@ -21,3 +21,12 @@ def spread_features(n: int, d: int, *, far_from: int, device: str = "cpu", seed:
     b = F.normalize(a + noise(n), dim=1)
     b[far_from:] = F.normalize(-u + noise(n - far_from), dim=1)
     return a.float().requires_grad_(), b.float().requires_grad_()
+
+
+def paired_features(n: int, d: int, dtype: torch.dtype, *, device: str, seed: int = 0):
+    """(a, b) leaves of ``dtype``, (n, d) each, unit rows, each b_i a noisy copy of a_i
+    (noise 0.8 before normalising): partners closer than the rest, as trained features."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, device=device, generator=g), dim=1)
+    b = F.normalize(a + 0.8 * torch.randn(n, d, device=device, generator=g), dim=1)
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()

@@ -12,13 +12,12 @@ Tolerances, each against the reference fed the same (rounded) inputs, its logits
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 
 from megabatch.kernels import clip_loss, ntxent_loss
 from megabatch.kernels.reference import clip_loss_reference, ntxent_loss_reference
 from megabatch.kernels.triton_backend import backward, backward_tma, common, forward
-from tests.kernels.features import spread_features
+from tests.kernels.features import paired_features, spread_features
 
 pytestmark = pytest.mark.gpu
 
@@ -49,10 +48,7 @@ def tf32_matmul(request):
 
 
 def _features(n, d, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1)
-    b = F.normalize(a + 0.8 * torch.randn(n, d, device="cuda", generator=g), dim=1)
-    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    return paired_features(n, d, dtype, device="cuda", seed=seed)
 
 
 def _loss_and_grads(fn, a, b, s, **kwargs):

@@ -10,12 +10,12 @@ to the input dtype for the tensor cores and come back in that dtype: two roundin
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 
 from megabatch.kernels import siglip_loss
 from megabatch.kernels.reference import siglip_loss_reference
 from megabatch.kernels.triton_backend import sigmoid_backward, sigmoid_forward
+from tests.kernels.features import paired_features
 
 pytestmark = pytest.mark.gpu
 
@@ -33,10 +33,7 @@ def no_tf32():
 
 
 def _features(n, d, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1)
-    b = F.normalize(a + 0.8 * torch.randn(n, d, device="cuda", generator=g), dim=1)
-    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    return paired_features(n, d, dtype, device="cuda", seed=seed)
 
 
 def _loss_and_grads(fn, a, b, **kwargs):
