@@ -210,11 +210,18 @@ def _as_scale_tensor(name: str, value) -> torch.Tensor:
     return t
 
 
-def _select_backend(backend: str, device: torch.device) -> ContrastiveBackend | None:
+def resolved_backend(backend: str, device: torch.device) -> str:
+    """``backend`` checked, and "auto" made concrete: triton on CUDA, torch otherwise (the
+    rule for every fused loss)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _select_backend(backend: str, device: torch.device) -> ContrastiveBackend | None:
+    backend = resolved_backend(backend, device)
     if backend == "torch":
         return torch_backend.BACKEND
     if backend == "triton":

@@ -44,7 +44,6 @@ from megabatch.kernels import siglip_torch
 # The input checks and collectives are clip_loss's, so both losses reject the same inputs
 # with the same messages.
 from megabatch.kernels.contrastive import (
-    BACKENDS,
     _all_reduce_sum,
     _as_scale_tensor,
     _check_backend_dtype,
@@ -52,6 +51,7 @@ from megabatch.kernels.contrastive import (
     _check_group,
     _gather_rows,
     _scale_dtype,
+    resolved_backend,
 )
 from megabatch.kernels.distributed import group_rank_and_size
 
@@ -135,10 +135,7 @@ class _FusedSigLIPLoss(torch.autograd.Function):
 
 
 def _select_backend(backend: str, device: torch.device) -> SigmoidBackend | None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+    backend = resolved_backend(backend, device)
     if backend == "torch":
         return siglip_torch.BACKEND
     if backend == "triton":
