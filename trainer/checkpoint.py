@@ -33,6 +33,7 @@ once a newer one is whole.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import math
 import os
@@ -254,7 +255,8 @@ def load_weights_only(path: Path, map_location=None):
         needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001 - not a readable checkpoint: torch.load says why below
         needed = set()
-    allowed = [_deepspeed_type(m, n) for m, n in _DEEPSPEED_TYPES if f"{m}.{n}" in needed]
+    allowed = [getattr(importlib.import_module(m), n) for m, n in _DEEPSPEED_TYPES
+               if f"{m}.{n}" in needed]  # fmt: skip
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -269,12 +271,6 @@ def load_weights_only(path: Path, map_location=None):
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from None
-
-
-def _deepspeed_type(module: str, name: str):
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
 
 
 def _weights_only_engine(config_params):
