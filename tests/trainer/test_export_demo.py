@@ -204,3 +204,17 @@ def test_the_readme_snippet_classifies_digits_from_the_export(demo_run, demo_exp
     predicted, labels = ast.literal_eval(predicted.strip()), ast.literal_eval(labels.strip())
     assert len(predicted) == len(labels) == 10
     assert set(predicted) <= set(json.loads((shard.parent.parent / "classnames.json").read_text()))
+
+
+def test_the_demo_command_ends_with_an_export_it_may_redo(demo_run, capsys):
+    """`megabatch demo`'s last step (commands._export_demo): RUN/export/stepN, hf and
+    ONNX, printed; a second demo on the same run replaces it."""
+    from megabatch.trainer.commands import _export_demo
+
+    for _ in range(2):
+        assert _export_demo(demo_run) == 0
+        out = capsys.readouterr().out
+        (folder,) = (demo_run / "export").glob("step*")
+        assert f"exported: {folder} (transformers and ONNX" in out
+        assert (folder / "model.safetensors").is_file()
+        assert (folder / "image_encoder" / "model.onnx").is_file()
