@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint check-coexistence format clean bench-kernels bench-data bench-train bench-metrics gpu-check gpu-test gpu-bench
+.PHONY: help install test demo compare lint check-coexistence format clean bench-kernels bench-data bench-train bench-metrics gpu-check gpu-test gpu-bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,11 @@ test: $(STAMP) ## Lint, check formatting and the import contracts, then run the 
 
 demo: $(STAMP) ## The main job on the built-in data: digits shards, tiny CLIP on 2 CPU ranks, evaluation
 	$(BIN)/megabatch demo
+
+compare: $(STAMP) ## Train every method on the digits with one backbone and budget; probe, kNN, zero-shot vs raw pixels and a random backbone -> docs/methods.md (3-5 min a method)
+	test -f data/digits/train/manifest.json || $(BIN)/megabatch data write --from demo --out data/digits
+	test -f data/digits/tokenizer.json || $(BIN)/megabatch data tokenizer data/digits/train --out data/digits/tokenizer.json --vocab-size 1000
+	$(BIN)/megabatch compare $(COMPARE_ARGS)
 
 lint: $(STAMP) ## Run ruff's linter and check the import contracts (.importlinter)
 	$(BIN)/ruff check .

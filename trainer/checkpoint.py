@@ -4,6 +4,8 @@ Layout of one checkpoint, RUN/checkpoints/step00000100/ (the number is the steps
 
     state/        DeepSpeed's files: model states, ZeRO optimizer partitions, scheduler
     rank{r}.pt    rank r's data reader position and RNG states
+    method.pt     the method's own state, where it keeps one (MoCo's and BYOL's target
+                  network: the same on every rank, written by rank 0)
     meta.json     step, samples seen, that step's loss, world size, the resolved config
     COMPLETE      the marker, written last
 
@@ -52,6 +54,7 @@ from megabatch.trainer.console import first_line
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
+METHOD_STATE = "method.pt"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # under state/: DeepSpeed's module weights
 _NAME = re.compile(r"step(\d{8})")
 
@@ -145,9 +148,10 @@ def set_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- saving
 def save(engine, root: Path, step: int, rank: int, device: torch.device, meta: dict,
-         rank_state: dict, keep: int | None) -> Path:  # fmt: skip
+         rank_state: dict, keep: int | None, method_state: dict | None = None) -> Path:  # fmt: skip
     """Collective: every rank calls it. Returns the final directory; raises
-    CheckpointWriteError on every rank when any rank could not write its part."""
+    CheckpointWriteError on every rank when any rank could not write its part.
+    ``method_state`` (``Task.state_dict()``) is written by rank 0 when not empty."""
     root.mkdir(parents=True, exist_ok=True)
     tmp, final = root / f".tmp-{checkpoint_name(step)}", root / checkpoint_name(step)
     if rank == 0:
@@ -164,6 +168,8 @@ def save(engine, root: Path, step: int, rank: int, device: torch.device, meta: d
     try:
         engine.save_checkpoint(str(tmp), tag="state", save_latest=False)
         torch.save(rank_state, tmp / f"rank{rank}.pt")
+        if rank == 0 and method_state:
+            torch.save(method_state, tmp / METHOD_STATE)
         if rank == 0:
             _write_durably(tmp / META, json.dumps(meta))
             _write_durably(tmp / COMPLETE, str(step))
@@ -290,6 +296,13 @@ def load(engine, checkpoint: Checkpoint, rank: int) -> dict:
     position, RNG)."""
     _load_deepspeed(engine, checkpoint, module_only=False)
     return load_weights_only(checkpoint.path / f"rank{rank}.pt")
+
+
+def load_method_state(checkpoint: Checkpoint) -> dict:
+    """The method's own state (``Task.load_state_dict``'s input), read weights-only; {}
+    where the checkpoint has none."""
+    path = checkpoint.path / METHOD_STATE
+    return load_weights_only(path, map_location="cpu") if path.exists() else {}
 
 
 def load_module(engine, checkpoint: Checkpoint) -> None:

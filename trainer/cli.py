@@ -11,6 +11,7 @@ from importlib import metadata
 from megabatch.data_pipeline.cli import add_data_commands
 from megabatch.trainer import __version__
 from megabatch.trainer.commands import add_train_commands
+from megabatch.trainer.compare import add_compare_command
 from megabatch.trainer.embed import add_embed_command
 from megabatch.trainer.export import add_export_command
 from megabatch.trainer.status import add_status_command
@@ -92,7 +93,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megabatch",
-        description="Distributed large-batch contrastive pretraining (CLIP, SimCLR).",
+        description="Distributed large-batch contrastive and self-supervised pretraining (CLIP, "
+        "SimCLR, MoCo v3, BYOL, pretext tasks).",
     )
     parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(commands)
     add_status_command(commands)
     add_export_command(commands)
+    add_compare_command(commands)
     add_embed_command(commands)
     add_launch_command(commands)
     add_submit_command(commands)

@@ -20,7 +20,8 @@ DEMO_DATA = Path("data/digits")
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="train CLIP or SimCLR (several ranks: megabatch launch, or srun)",
+        help="train a method: CLIP, SimCLR, MoCo v3, BYOL, a pretext task (several ranks: "
+        "megabatch launch, or srun)",
         description="Train from a YAML config with key=value overrides, e.g. "
         "`megabatch train run.yaml optim.lr=3e-4`. Writes RUN/config.yaml, configs/ (every "
         "start's config), metrics.jsonl, checkpoints/, results.json and plots/. Resumes "

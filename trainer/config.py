@@ -40,6 +40,10 @@ class ModelConfig:
     """Side of the square images the image tower sees."""
     context_length: int = 77
     """Tokens per caption, start and end tokens included (CLIP)."""
+    hidden_dim: int | None = None
+    """Hidden width of the image-only methods' heads (MoCo v3's and BYOL's projector and
+    predictor, the pretext tasks' classifier); None: twice the backbone's feature width
+    (ResNet-50: 4096, MoCo v3's and BYOL's width)."""
 
 
 @dataclass
@@ -113,10 +117,13 @@ class EngineConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["infonce", "siglip", "ntxent", "margin"] | None = None
-    """The loss (trainer/losses.py); None: the task's own (clip: infonce, simclr: ntxent).
-    siglip: SigLIP's pairwise sigmoid loss, for task clip; margin: Hadsell, Chopra and
-    LeCun's margin contrastive loss, for task simclr."""
+    name: (
+        Literal["infonce", "siglip", "ntxent", "margin", "moco", "byol", "cross_entropy"] | None
+    ) = None
+    """The loss (trainer/losses.py); None: the task's own (clip: infonce, simclr: ntxent,
+    moco: moco, byol: byol, the pretext tasks: cross_entropy). siglip: SigLIP's pairwise
+    sigmoid loss, for task clip; margin: Hadsell, Chopra and LeCun's margin contrastive
+    loss, for task simclr."""
     init_logit_scale: float | None = None
     """The initial logit multiplier t; None: the loss's own (infonce: CLIP's 1 / 0.07,
     siglip: SigLIP's 10)."""
@@ -125,10 +132,27 @@ class LossConfig:
     max_logit_scale: float = 100.0
     """CLIP's clamp on the multiplier."""
     temperature: float = 0.1
-    """SimCLR's tau."""
+    """SimCLR's and MoCo v3's tau."""
     margin: float = 1.0
     """The margin loss's m: negative pairs closer than m are pushed apart (unit features:
     distances in [0, 2]; 1 is cosine 0.5)."""
+
+
+@dataclass
+class MethodConfig:
+    """What a method adds beyond its loss (trainer/methods/)."""
+
+    momentum: float | None = None
+    """The momentum encoder's base momentum m0 (MoCo v3, BYOL), rising to 1 on a cosine
+    over the run; None: the method's own (MoCo v3 0.99, BYOL 0.996)."""
+    permutations: int = 100
+    """Jigsaw's classes: the permutations of the nine tiles it may shuffle by, chosen
+    greedily for large Hamming distance from the run's seed (trainer/methods/jigsaw.py).
+    2 to 1000 (Noroozi and Favaro's 100 to 1000; about 2 ms a permutation to choose)."""
+    normalise_each_tile: bool = True
+    """Jigsaw: normalise each tile by its own mean and standard deviation (the paper's,
+    so that neighbours cannot be matched by brightness and contrast); false: as the
+    whole images are (what evaluation and the export feed the encoder)."""
 
 
 @dataclass
@@ -171,7 +195,7 @@ class MetricsConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["clip", "simclr"] = "clip"
+    task: Literal["clip", "simclr", "moco", "byol", "rotation", "relative_patch", "jigsaw"] = "clip"
     run_dir: str = "runs/default"
     seed: int = 0
     preset: str | None = None
@@ -182,6 +206,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -208,6 +233,7 @@ class RunConfig:
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("model.embed_dim", _none_or(self.model.embed_dim, lambda v: v >= 1), "must be >= 1"),
+            ("model.hidden_dim", _none_or(self.model.hidden_dim, lambda v: v >= 1), "must be >= 1"),
             ("data.load_size", _none_or(self.data.load_size, lambda v: v >= 8), "must be >= 8"),
             ("data.shuffle_block", self.data.shuffle_block >= 1, "must be >= 1"),
             ("data.max_image_pixels", self.data.max_image_pixels >= 1, "must be >= 1"),
@@ -215,6 +241,9 @@ class RunConfig:
             ("data.eval_max_samples", self.data.eval_max_samples >= 1, "must be >= 1"),
             ("loss.temperature", self.loss.temperature > 0, "must be > 0"),
             ("loss.margin", self.loss.margin > 0, "must be > 0"),
+            ("method.momentum", _none_or(self.method.momentum, lambda v: 0 <= v < 1),
+             "must be in [0, 1)"),
+            ("method.permutations", 2 <= self.method.permutations <= 1000, "must be in [2, 1000]"),
             ("loss.init_logit_scale", _none_or(self.loss.init_logit_scale,
                                                lambda v: 0 < v <= self.loss.max_logit_scale),
              "must be in (0, loss.max_logit_scale]"),
@@ -254,6 +283,12 @@ class RunConfig:
                 raise ConfigError(f"{key} is empty (give shards, or leave it out)")
         if self.task == "clip" and self.data.train is not None and self.data.tokenizer is None:
             raise ConfigError("data.tokenizer is required for task clip")
+
+
+def task_names() -> tuple[str, ...]:
+    """The names ``task:`` takes (RunConfig.task's Literal; trainer/tasks.py TASKS maps
+    each to its method)."""
+    return typing.get_args(typing.get_type_hints(RunConfig)["task"])
 
 
 def _none_or(value, rule) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megabatch.trainer.config import task_names
 from megabatch.trainer.console import first_line
 from megabatch.trainer.embed_sources import EmbedError
 
@@ -35,13 +36,13 @@ ONNX_INPUTS = {"image_embeds": ("pixel_values",), "features": ("pixel_values",),
 @dataclass(frozen=True)
 class Export:
     folder: Path
-    task: str  # "clip" or "simclr"
+    task: str  # "clip", or an image-only method's (simclr, moco, byol, ...): a backbone
     model_type: str  # config.json's: "clip", "resnet" or "vit"; "TASK (ONNX only)" without
     step: int | None  # manifest.json's, when there is one
 
     def tower(self, column: str) -> Path:
         """The folder that makes ``column``: model, processor or tokenizer, ONNX file."""
-        if self.task == "simclr":
+        if self.task != "clip":
             return self.folder
         return self.folder / (IMAGE_ENCODER if column == "image_embeds" else TEXT_ENCODER)
 
@@ -59,8 +60,9 @@ def read_export(folder: Path) -> Export:
         raise EmbedError(f"{folder} holds a {model_type!r} model, not an export of megabatch "
                          "(a clip model, or a resnet or vit backbone)")  # fmt: skip
     task = (manifest or {}).get("task") or ("clip" if model_type == "clip" else "simclr")
-    if task not in ("clip", "simclr"):
-        raise EmbedError(f"{folder / 'manifest.json'} names task {task!r}, not clip or simclr")
+    if task not in task_names():
+        raise EmbedError(f"{folder / 'manifest.json'} names task {task!r}, not one of "
+                         f"{', '.join(task_names())}")  # fmt: skip
     step = (manifest or {}).get("step")
     return Export(folder, task, model_type or f"{task} (ONNX only)", step)
 
@@ -80,7 +82,7 @@ def _json_object(path: Path) -> dict | None:
 
 
 def columns_for(export: Export, images: bool, captions: bool) -> tuple[str, ...]:
-    if export.task == "simclr":
+    if export.task != "clip":  # an image-only method's backbone
         return ("features",)
     return ("image_embeds",) * images + ("text_embeds",) * captions
 

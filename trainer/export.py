@@ -277,6 +277,7 @@ def write_model_card(path: Path, plan: ExportPlan) -> None:
     """README.md: training data, steps, batch, evaluation, preprocessing, how to load."""
     from megabatch.trainer.data import image_config
     from megabatch.trainer.losses import initial_loss_params, loss_name
+    from megabatch.trainer.tasks import TASKS
 
     config, ckpt = plan.config, plan.checkpoint
     world = ckpt.meta.get("world_size")
@@ -289,7 +290,10 @@ def write_model_card(path: Path, plan: ExportPlan) -> None:
     lines = [
         "---",
         "library_name: transformers",
-        f"tags: [megabatch, {config.task}, contrastive"
+        f"tags: [megabatch, {config.task}, "
+        + (  # in-batch negatives (the GradCache step's methods), or none
+            "contrastive" if TASKS[config.task].step_kind == "gradcache" else "self-supervised"
+        )
         + (", onnx]" if "onnx" in plan.formats else "]"),
         "---",
         "",

@@ -11,8 +11,9 @@ export is a renaming of keys, not a conversion:
   weights under ``CLIPVisionModelWithProjection`` (``vision_model.*``,
   ``visual_projection.*``) and ``CLIPTextModelWithProjection`` (``text_model.*``,
   ``text_projection.*``).
-- SimCLR: ``encoder.<key>`` -> the ``ResNetModel`` / ``ViTModel``'s ``<key>``; the
-  projection head (``head.*``) is dropped.
+- SimCLR and the other image-only methods: ``encoder.<key>`` -> the ``ResNetModel`` /
+  ``ViTModel``'s ``<key>``; the method's heads (SimCLR's ``head.*``, MoCo's and BYOL's
+  ``projector.*`` and ``predictor.*``, a pretext task's classifier) are dropped.
 
 The tokenizer is the run's tokenizer.json as ``PreTrainedTokenizerFast`` (start, end and
 pad tokens named, ``model_max_length`` the context length); the image processor is a
@@ -122,18 +123,18 @@ def clip_tokenizer(tokenizer: CaptionTokenizer):
 
 # --------------------------------------------------------------------------- SimCLR
 def simclr_encoder(preset: str, image_size: int, module: dict[str, torch.Tensor]):
-    """The SimCLR backbone (``ResNetModel`` or ``ViTModel``, float32, eval mode) without
-    the projection head."""
-    from megabatch.trainer.models.simclr import SimCLRModel
+    """The backbone of an image-only method (SimCLR, MoCo v3, BYOL, the pretext tasks:
+    ``ResNetModel`` or ``ViTModel``, float32, eval mode): the ``encoder.*`` weights; the
+    method's heads (projection, predictor, classifier) are dropped."""
+    from megabatch.trainer.models.simclr import image_backbone
 
-    shell = SimCLRModel(preset, image_size)
-    extra = [k for k in module if not k.startswith(("encoder.", "head."))]
-    if extra:
-        raise WeightsMismatch(f"the checkpoint does not hold a SimCLR model: unexpected "
-                              f"{', '.join(extra[:3])}")  # fmt: skip
+    if not any(k.startswith("encoder.") for k in module):
+        raise WeightsMismatch(f"the checkpoint holds no image backbone (no encoder.* weights; "
+                              f"found {', '.join(list(module)[:3])})")  # fmt: skip
+    encoder, _ = image_backbone(preset, image_size)
     state = {k[len("encoder.") :]: v for k, v in module.items() if k.startswith("encoder.")}
-    _load_exactly(shell.encoder, state, f"the SimCLR {preset} encoder of the run's config")
-    return shell.encoder.eval()
+    _load_exactly(encoder, state, f"the {preset} backbone of the run's config")
+    return encoder.eval()
 
 
 # --------------------------------------------------------------------------- both

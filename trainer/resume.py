@@ -7,8 +7,9 @@ new config is compared with it key by key:
 
 - refused, each key named in one error line: what a step means or what the checkpoint's
   state is laid out for: the task, the model, the batch arithmetic (micro-batch,
-  accumulation, world size), the loss, the data order (shards, seed, workers, shuffle
-  block, resampling, tokenizer), the optimizer kind, ZeRO stage and precision;
+  accumulation, world size), the loss, jigsaw's permutations and tiles, the data order
+  (shards, seed, workers, shuffle block, resampling, tokenizer), the optimizer kind,
+  ZeRO stage and precision;
 - allowed, listed on the progress stream and applied from the resumed step on: the
   optimizer's hyperparameters (the peak learning rate and its schedule included: the
   config, not the checkpoint, says what they are), the step budget, evaluation, logging
@@ -17,7 +18,8 @@ new config is compared with it key by key:
   is a trained parameter by then), ``preset`` (its keys are compared one by one).
 
 ``megabatch eval`` and ``megabatch export`` only need the model to be the same: task,
-model, tokenizer, loss (SigLIP's model holds a logit bias).
+model, tokenizer, loss (SigLIP's model holds a logit bias), jigsaw's permutation count
+(its classifier's width).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from megabatch.trainer.config import ConfigError, RunConfig, plain_dict
 
 REFUSED = (
     "task", "seed", "model.", "batch.micro_batch_size", "batch.accumulation_steps",
-    "loss.name", "loss.temperature", "loss.margin", "loss.max_logit_scale", "data.train", "data.num_workers",
+    "loss.name", "loss.temperature", "loss.margin", "loss.max_logit_scale", "method.permutations",
+    "method.normalise_each_tile", "data.train", "data.num_workers",
     "data.shuffle_block", "data.resampled", "data.tokenizer", "optim.name",
     "engine.zero_stage", "engine.precision",
 )  # fmt: skip
-REFUSED_FOR_EVAL = ("task", "model.", "data.tokenizer", "loss.name")
+REFUSED_FOR_EVAL = ("task", "model.", "data.tokenizer", "loss.name", "method.permutations")
 NO_EFFECT = ("loss.init_logit_scale", "loss.init_logit_bias", "preset")
 # Keys that differ between starts by design, or are checked elsewhere.
 IGNORED = ("train.resume", "run_dir", "batch.global_batch_size")

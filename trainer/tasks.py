@@ -1,10 +1,12 @@
-"""What differs between methods (CLIP, SimCLR), behind one small interface, ``Task``,
-that the loop, evaluation and the checks before a run use: the model, how a loader batch
-becomes model inputs, the named features of a micro-batch, the learnt loss parameters,
-and which features evaluation reads. The loss itself is chosen by the config
-(``loss.name``, trainer/losses.py) and handed to the task. ``TASKS`` maps ``task:`` in
-the config to the class; nothing else looks at the task's name. trainer/README.md:
-adding a method."""
+"""What differs between methods (CLIP, SimCLR, MoCo v3, BYOL, the pretext tasks), behind
+one small interface, ``Task``, that the loop, evaluation and the checks before a run
+use: the model, how a loader batch becomes model inputs, the named features of a
+micro-batch (and a target network's, without grad), the learnt loss parameters, the
+step's kind, what happens after each optimizer step, the method's own checkpointed
+state, and which features evaluation reads. The loss itself is chosen by the config
+(``loss.name``, trainer/losses.py) and handed to the task. Each method is a module of
+trainer/methods/; ``TASKS`` maps ``task:`` in the config to its class, and nothing else
+looks at the task's name. trainer/README.md: adding a method."""
 
 from __future__ import annotations
 
@@ -12,14 +14,18 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megabatch.data_pipeline.read.tokenizer import CaptionTokenizer
-from megabatch.data_pipeline.read.transforms import device_preprocess
 from megabatch.trainer.config import RunConfig
-from megabatch.trainer.data import image_config
-from megabatch.trainer.losses import LossFn, initial_loss_params, make_loss
+from megabatch.trainer.losses import LossFn
+from megabatch.trainer.methods.byol import ByolTask
+from megabatch.trainer.methods.clip import ClipTask
+from megabatch.trainer.methods.jigsaw import JigsawTask
+from megabatch.trainer.methods.moco import MocoTask
+from megabatch.trainer.methods.relative_patch import RelativePatchTask
+from megabatch.trainer.methods.rotation import RotationTask
+from megabatch.trainer.methods.simclr import SimCLRTask
 
 
 class Task(Protocol):
@@ -28,6 +34,10 @@ class Task(Protocol):
     in) and evaluation adds retrieval and zero-shot classification."""
     tokenizer: CaptionTokenizer | None
     """The one handed in (evaluation encodes class prompts with it); None without captions."""
+    step_kind: ClassVar[str]
+    """Which step trains it (trainer/step.py STEPS): "gradcache" where the loss couples
+    every sample of the global batch (in-batch negatives: CLIP, SimCLR, MoCo v3);
+    "accumulate", plain gradient accumulation, where it does not (BYOL, pretext tasks)."""
 
     def __init__(self, config: RunConfig, device: torch.device, world_size: int,
                  tokenizer: CaptionTokenizer | None): ...  # fmt: skip
@@ -47,9 +57,15 @@ class Task(Protocol):
         """The named (B, D) feature sets whose rows are positives of each other, in the
         order the loss takes them ({"image", "text"}; {"view1", "view2"})."""
 
+    def targets(self, micro) -> dict[str, torch.Tensor]:
+        """Named features that carry no gradient, computed once per micro-batch under
+        no_grad (a momentum encoder's projections: MoCo's and BYOL's z1, z2); {} for
+        most methods. The loss takes them beside ``encode``'s."""
+
     loss: LossFn
-    """(features: name -> this rank's rows of every micro-batch, params) -> the loss over
-    the global batch: ``losses.make_loss`` for the run's ``loss.name``."""
+    """(features: name -> this rank's rows, params) -> the loss: ``losses.make_loss`` for
+    the run's ``loss.name``. The GradCache step hands it every micro-batch's rows at
+    once, the accumulation step one micro-batch's."""
 
     def loss_params(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The learnt loss parameters the loss takes, with grad (their gradient comes
@@ -62,112 +78,24 @@ class Task(Protocol):
     text_features: Callable[[nn.Module, Any], torch.Tensor] | None
     """(B, D) features of a batch's captions, where ``captions``; else None."""
 
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """After each step that updated the model (``step`` steps done): a momentum
+        encoder's EMA. Not called for a step skipped for a non-finite loss."""
 
-class ClipTask:
-    captions = True
+    def state_dict(self) -> dict:
+        """The method's own state beyond the model (a target network's weights), saved in
+        every checkpoint by rank 0 (checkpoint.save); {} for none. Tensors and plain
+        containers only: it is read back weights-only."""
 
-    def __init__(self, config: RunConfig, device: torch.device, world_size: int,
-                 tokenizer: CaptionTokenizer | None):  # fmt: skip
-        if tokenizer is None:
-            raise ValueError("task clip needs the caption tokenizer (data.tokenizer)")
-        self.config, self.device, self.world_size = config, device, world_size
-        self.tokenizer = tokenizer
-        self.image = image_config(config)
-        self.loss = make_loss(config, world_size)
-
-    @staticmethod
-    def check_model(config: RunConfig, vocab_size: int) -> None:
-        from megabatch.trainer.models.clip import clip_config
-
-        m = config.model
-        clip_config(m.preset, image_size=m.image_size, context_length=m.context_length,
-                    vocab_size=vocab_size, pad_id=0, sot_id=0, eot_id=0,
-                    embed_dim=m.embed_dim)  # fmt: skip
-
-    def build_model(self):
-        from megabatch.trainer.models.clip import ClipModel, clip_config
-
-        m, tok = self.config.model, self.tokenizer
-        init = initial_loss_params(self.config)
-        cfg = clip_config(
-            m.preset, image_size=m.image_size, context_length=m.context_length,
-            vocab_size=tok.vocab_size, pad_id=tok.pad_id, sot_id=tok.sot_id, eot_id=tok.eot_id,
-            embed_dim=m.embed_dim, init_logit_scale=init["logit_scale"],
-        )  # fmt: skip
-        return ClipModel(cfg, max_logit_scale=self.config.loss.max_logit_scale,
-                         init_logit_bias=init.get("logit_bias"))  # fmt: skip
-
-    def inputs(self, batch, step: int, index: int):
-        b = batch.to(self.device)
-        return device_preprocess(b.images, self.image), b.tokens, b.token_mask
-
-    def encode(self, model, micro):
-        images, tokens, mask = micro
-        return {"image": model.encode_image(images), "text": model.encode_text(tokens, mask)}
-
-    def loss_params(self, model):
-        params = {"logit_scale": model.logit_scale()}
-        if hasattr(model, "logit_bias"):  # built for a loss that takes one (SigLIP)
-            params["logit_bias"] = model.logit_bias.reshape(())
-        return params
-
-    def image_features(self, model, batch):
-        images = device_preprocess(batch.to(self.device).images, self.image)
-        return model.encode_image(images)
-
-    def text_features(self, model, batch):
-        b = batch.to(self.device)
-        return model.encode_text(b.tokens, b.token_mask)
-
-
-class SimCLRTask:
-    captions = False
-
-    def __init__(self, config: RunConfig, device: torch.device, world_size: int,
-                 tokenizer: CaptionTokenizer | None = None):  # fmt: skip
-        from megabatch.data_pipeline.read.views import SimCLRViews, ViewConfig
-
-        self.config, self.device, self.world_size = config, device, world_size
-        self.tokenizer = None  # images only
-        self.image = image_config(config)
-        self.loss = make_loss(config, world_size)
-        self.views = SimCLRViews(ViewConfig(size=config.model.image_size))
-
-    @staticmethod
-    def check_model(config: RunConfig, vocab_size: int) -> None:
-        from megabatch.trainer.models.simclr import encoder_config
-
-        encoder_config(config.model.preset, config.model.image_size)
-
-    def build_model(self):
-        from megabatch.trainer.models.simclr import SimCLRModel
-
-        m = self.config.model
-        return SimCLRModel(m.preset, m.image_size, embed_dim=m.embed_dim or 128)
-
-    def inputs(self, batch, step: int, index: int):
-        # A seed per (step, micro-batch, rank): replayed by the GradCache re-run through
-        # the micro-batch itself, and different on every rank.
-        seed = (self.config.seed * 1_000_003 + step) * 1009 + index * 17 + dist.get_rank()
-        return batch.to(self.device).images, seed
-
-    def encode(self, model, micro):
-        images, seed = micro
-        view1, view2 = self.views(images, seed)
-        return {"view1": model(view1)[1], "view2": model(view2)[1]}
-
-    def loss_params(self, model):
-        return {}  # NT-Xent's temperature is a hyperparameter (loss.temperature)
-
-    def image_features(self, model, batch):
-        images = device_preprocess(batch.to(self.device).images, self.image)
-        return model.features(images)
-
-    text_features = None
+    def load_state_dict(self, state: dict) -> None:
+        """On resume, every rank: what ``state_dict`` returned; ValueError (one line) if
+        it cannot be (a checkpoint without the method's state)."""
 
 
 # ``task:`` in the config -> the class (RunConfig.task lists the same names).
-TASKS: dict[str, type[Task]] = {"clip": ClipTask, "simclr": SimCLRTask}
+TASKS: dict[str, type[Task]] = {"clip": ClipTask, "simclr": SimCLRTask, "moco": MocoTask,
+                                "byol": ByolTask, "rotation": RotationTask,
+                                "relative_patch": RelativePatchTask, "jigsaw": JigsawTask}  # fmt: skip
 
 
 def make_task(config: RunConfig, device: torch.device, world_size: int,

@@ -1,8 +1,9 @@
-"""The training loop: ``Trainer.train()`` -> ``train_step()`` (trainer.step, GradCache).
+"""The training loop: ``Trainer.train()`` -> ``train_step()`` (trainer.step: GradCache, or
+plain accumulation, as the task's ``step_kind`` says).
 
 Reads top to bottom: resume if asked (trainer.resume decided which checkpoint, before any
-process group), then per step take A micro-batches from the loader, run the GradCache
-step, and on the schedule log, checkpoint and evaluate.
+process group), then per step take A micro-batches from the loader, run the task's step
+and its after-step update, and on the schedule log, checkpoint and evaluate.
 
 Signals: SIGTERM, SIGUSR1 or SIGUSR2 (Slurm's warning before preemption) makes every rank save at
 the end of the current step and exit with EXIT_REQUEUE (the DataLoader workers ignore
@@ -48,7 +49,7 @@ from megabatch.trainer.prometheus import (
     write_targets,
 )
 from megabatch.trainer.resume import ResumePlan, plan_resume
-from megabatch.trainer.step import gradcache_step
+from megabatch.trainer.step import STEPS
 from megabatch.trainer.stop_signals import EXIT_REQUEUE, StopSignals
 from megabatch.trainer.tasks import TASKS, make_task
 
@@ -117,6 +118,8 @@ class Trainer:
             self._phase("step")
             result = self.train_step(micro)
             self.step += 1
+            if not result.skipped:  # the method's own update (a momentum encoder's EMA)
+                self.task.after_optimizer_step(self.engine.module, self.step)
             self.samples_seen += cfg.global_batch_size(self.world.world_size)
 
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
@@ -164,9 +167,10 @@ class Trainer:
         return self._evaluate(final=True)
 
     def train_step(self, micro_batches):
-        result = gradcache_step(self.engine, micro_batches, self.task.encode, self.task.loss,
-                                self.task.loss_params, self.world.world_size,
-                                skip_nonfinite=True)  # fmt: skip
+        step = STEPS[self.task.step_kind]
+        result = step(self.engine, micro_batches, self.task.encode, self.task.loss,
+                      self.task.loss_params, self.world.world_size, targets=self.task.targets,
+                      skip_nonfinite=True)  # fmt: skip
         if result.skipped:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
@@ -249,7 +253,8 @@ class Trainer:
         try:
             path = checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step,
                                    self.world.rank, self.world.device, meta, state,
-                                   keep=self.config.train.keep_checkpoints)  # fmt: skip
+                                   keep=self.config.train.keep_checkpoints,
+                                   method_state=self.task.state_dict())  # fmt: skip
         except checkpoint.CheckpointWriteError:
             self._publish({"checkpoint/failed": 1.0})
             raise
@@ -279,6 +284,10 @@ class Trainer:
         self.step, self.samples_seen = found.meta["step"], found.meta["samples_seen"]
         self.loader.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
+        try:
+            self.task.load_state_dict(checkpoint.load_method_state(found))
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"cannot resume from {found.path}: {exc}") from None
         self._say(f"resumed from {found.path} at step {self.step}")
         for line in self.plan.describe():
             self._say(line)

@@ -16,6 +16,7 @@ relative on SimCLR's features (largest about 3).
 import io
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,6 +221,14 @@ def test_simclr_export_gives_the_probes_features(simclr_export, image_dir, data,
     code, _, _ = _embed(capsys, folder, "--shards", data / "val", "--out", tmp_path / "s.parquet")
     keys, vectors, _ = _read(tmp_path / "s.parquet")
     assert code == 0 and len(keys) == 32 and list(vectors) == ["features"]
+    # Every image-only method's export is a backbone like SimCLR's (BYOL's, here).
+    byol = tmp_path / "byol"
+    shutil.copytree(folder, byol)
+    manifest = json.loads((byol / "manifest.json").read_text())
+    (byol / "manifest.json").write_text(json.dumps({**manifest, "task": "byol"}))
+    code, _, _ = _embed(capsys, byol, "--shards", data / "val", "--out", tmp_path / "b.parquet")
+    assert code == 0
+    assert np.array_equal(_read(tmp_path / "b.parquet")[1]["features"], vectors["features"])
 
 
 def test_a_vit_backbone_gives_its_cls_token(image_dir, tmp_path, capsys):
@@ -263,6 +272,9 @@ def _bad_cases(clip: Path, simclr: Path, tmp: Path) -> list[tuple[tuple, str]]:
     no_onnx.mkdir()
     for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
         (no_onnx / name).write_bytes((simclr / name).read_bytes())
+    odd_task = tmp / "odd_task"
+    shutil.copytree(no_onnx, odd_task)
+    (odd_task / "manifest.json").write_text('{"task": "nope"}')
     good = ("--images", tmp / "ok")
     _image(tmp / "ok" / "a.png", (16, 16))
     return [
@@ -277,6 +289,7 @@ def _bad_cases(clip: Path, simclr: Path, tmp: Path) -> list[tuple[tuple, str]]:
         ((clip, "--shards", tmp / "none_{0..3}.tar"), "matches no existing shard"),
         ((simclr, "--captions", tmp / "caps.txt"), "--captions needs a CLIP export"),
         ((no_onnx, *good, "--onnx"), "model.onnx is missing: export with --format onnx"),
+        ((odd_task, *good), "names task 'nope', not one of clip, simclr, moco, byol"),
         ((clip, *good, "--batch-size", 0), "--batch-size must be >= 1, got 0"),
         ((clip, "--images", corrupt), "nothing embedded: every input of"),
     ]

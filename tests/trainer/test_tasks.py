@@ -11,6 +11,7 @@ import torch
 from megabatch.kernels import clip_loss, ntxent_loss
 from megabatch.trainer.config import load_config
 from megabatch.trainer.data import load_tokenizer
+from megabatch.trainer.step import STEPS
 from megabatch.trainer.tasks import TASKS, ClipTask, SimCLRTask, Task, make_task
 from tests.trainer.runs import overrides
 
@@ -30,6 +31,7 @@ def test_every_config_task_has_a_class_with_the_whole_interface():
         missing = {name for name in wanted if not hasattr(cls, name)} - {"tokenizer", "loss"}
         assert not missing, f"{cls.__name__} lacks {missing}"
         assert isinstance(cls.captions, bool)
+        assert cls.step_kind in STEPS, cls
         assert list(inspect.signature(cls.__init__).parameters)[1:] == [
             "config", "device", "world_size", "tokenizer"]  # fmt: skip
     assert TASKS["clip"].captions and not TASKS["simclr"].captions

@@ -26,28 +26,37 @@ def encoder_config(preset: str, image_size: int):
     )
 
 
+def image_backbone(preset: str, image_size: int) -> tuple[nn.Module, int]:
+    """(the transformers encoder f, its feature width F): what every image-only method
+    trains and ``megabatch export`` hands over (the ``encoder.*`` weights)."""
+    config = encoder_config(preset, image_size)
+    if isinstance(config, ResNetConfig):
+        return ResNetModel(config), config.hidden_sizes[-1]
+    # the [CLS] token's final (layer-normed) state, no BERT-style tanh pooler
+    return ViTModel(config, add_pooling_layer=False), config.hidden_size
+
+
+def backbone_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, S, S) -> f's features (B, F): ResNet's global average pool, ViT's
+    [CLS] state."""
+    out = encoder(pixel_values=images)
+    if isinstance(encoder, ResNetModel):
+        return out.pooler_output.flatten(1)  # (B, F, 1, 1) -> (B, F)
+    return out.last_hidden_state[:, 0]
+
+
 class SimCLRModel(nn.Module):
     """images (B, 3, S, S) float -> (h, z): encoder features (B, F) and unit projections (B, E)."""
 
     def __init__(self, preset: str, image_size: int, embed_dim: int = 128):
         super().__init__()
-        config = encoder_config(preset, image_size)
-        self.is_resnet = isinstance(config, ResNetConfig)
-        if self.is_resnet:
-            self.encoder = ResNetModel(config)
-            width = config.hidden_sizes[-1]
-        else:  # the [CLS] token's final (layer-normed) state, no BERT-style tanh pooler
-            self.encoder = ViTModel(config, add_pooling_layer=False)
-            width = config.hidden_size
+        self.encoder, width = image_backbone(preset, image_size)
         self.head = nn.Sequential(
             nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embed_dim)
         )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(pixel_values=images)
-        if self.is_resnet:
-            return out.pooler_output.flatten(1)  # global average pool: (B, F, 1, 1) -> (B, F)
-        return out.last_hidden_state[:, 0]
+        return backbone_features(self.encoder, images)
 
     def forward(self, images: torch.Tensor):
         h = self.features(images)
