@@ -148,7 +148,7 @@ class MethodConfig:
     permutations: int = 100
     """Jigsaw's classes: the permutations of the nine tiles it may shuffle by, chosen
     greedily for large Hamming distance from the run's seed (trainer/methods/jigsaw.py).
-    2 to 1000 (Noroozi and Favaro's 100 to 1000; about 2 ms a permutation to choose)."""
+    2 to 1000 (Noroozi and Favaro's 100 to 1000)."""
     normalise_each_tile: bool = True
     """Jigsaw: normalise each tile by its own mean and standard deviation (the paper's,
     so that neighbours cannot be matched by brightness and contrast); false: as the

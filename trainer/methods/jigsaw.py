@@ -15,8 +15,8 @@ can move at all) anywhere in its cell, j = floor((c - p)/2) (2 px), so neighbour
 to 8 px apart. Each tile is normalised by itself (``method.normalise_each_tile``, the
 paper's: matching the mean and contrast of neighbouring tiles would be a shortcut), or
 as the whole images are: then the encoder's batch-norm statistics are those of the
-inputs evaluation feeds it (the digits demo's choice: kNN top-1 0.911 against 0.883,
-linear probe 0.900 both, docs/training.md). The paper's colour jitter and
+inputs evaluation feeds it (the digits demo's choice; docs/training.md has what each
+gave). The paper's colour jitter and
 greyscale tiles counter chromatic aberration, a colour cue to a tile's place in the
 frame; the digits are grey scans, so there is none to counter."""
 
@@ -52,7 +52,8 @@ def permutation_set(count: int, seed: int) -> np.ndarray:
     Each pick is as far from the set so far as any permutation can be (ties to the one
     farthest on average: the paper's criterion), so the set's smallest pairwise distance
     is the last pick's, and no permutation left out is farther than that from the set.
-    About 2 ms a pick on one core (9! candidates, their distances kept up to date)."""
+    Each pick is one pass over the 9! candidates, their distances to the set kept up to
+    date."""
     every = _every_permutation()
     columns = np.ascontiguousarray(every.T)  # (9, 9!): the tile at each slot
     nearest = np.full(len(every), CELLS, dtype=np.uint8)  # min distance to the set
